@@ -22,3 +22,15 @@ class PromptError(PhiVisionError, ValueError):
 
 class CheckpointError(PhiVisionError):
     """A checkpoint folder or hub id could not be resolved or loaded (missing files, bad tensors)."""
+
+
+class MediaError(ImageLoadError):
+    """A video, or a folder of exported slides, could not be read (or asked for impossible frames).
+
+    A subclass of ImageLoadError so that code catching unreadable visual input catches both.
+    """
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        PhiVisionError.__init__(self, f"cannot read video {source}: {reason}")
