@@ -1,0 +1,108 @@
+"""The CLIP vision tower, built only up to the layer whose output the projector uses (spec §6.2).
+
+The reference runs all of CLIP ViT-L/14-336 and takes hidden_states[-2]; the last layer and the
+post-layernorm are dead weight, so we build only `num_layers_used` layers (the loader skips the
+rest of the checkpoint by name). Attribute names follow the checkpoint ("pre_layrnorm", sic).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import VisionConfig
+from .language import attention
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(config.hidden_size))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) crops -> (N, P+1, C) tokens, CLS first."""
+        weight = self.patch_embedding.weight
+        patches = self.patch_embedding(pixel_values.to(weight.dtype))  # (N, C, S/p, S/p)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, P, C), row-major over the patch grid
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # (N, 1, C)
+        tokens = torch.cat([cls, patches], dim=1)  # (N, P+1, C)
+        return tokens + self.position_embedding.weight[None]
+
+
+class ClipAttention(nn.Module):
+    """Bidirectional multi-head attention with biases."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, L, D)
+        k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, L, D)
+        v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, L, D)
+        out = attention(q, k, v, mask=None, is_causal=False)  # (N, H, L, D)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))  # (N, L, C)
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class ClipEncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(LN1(x)), then x + MLP(LN2(x))."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = ClipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ClipMLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipEncoder(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipEncoderLayer(config) for _ in range(config.num_layers_used))
+
+
+class ClipVisionTower(nn.Module):
+    """Crops -> patch features of the feature layer, CLS dropped."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = ClipEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = ClipEncoder(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) crops -> (N, P, C) features (hidden_states[feature_layer_idx] without CLS)."""
+        h = self.pre_layrnorm(self.embeddings(pixel_values))  # (N, P+1, C)
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return h[:, 1:]  # (N, P, C): drop CLS
