@@ -77,3 +77,84 @@ class DenseKVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a cache of {self.length} filled slots to {length}")
         self.length = length
+
+
+class PagedKVCache:
+    """The KV pool of the batched engine: per layer, keys and values of (num_blocks, H_kv, block_size, D).
+
+    Which block belongs to which sequence is the block manager's business (plain integers); a
+    `PagedBatch` carries one forward call's view of it (slots to write, block tables to read).
+    Block 0 is never handed out: padded rows of a captured CUDA graph point at it.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        # Zeros, not empty: padded graph rows read block 0, and garbage there could be NaN.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @classmethod
+    def for_model(cls, config, *, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str) -> "PagedKVCache":
+        text = config.text
+        return cls(text.num_hidden_layers, num_blocks, text.num_key_value_heads, block_size, text.head_dim, dtype, device)
+
+    @staticmethod
+    def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+        text = config.text
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * block_size * itemsize
+
+
+class PagedBatch:
+    """One forward call over the paged pool: the model's `cache` argument on the engine's path.
+
+    decode: B sequences, one new token each (input (B, 1)); they attend to `context_lens` tokens
+    through `block_tables`. prefill: one sequence's chunk (input (1, T)) at positions
+    [start, start + T). New keys/values go to `slot_mapping` (one slot per new token, -1 = skip).
+    `long_rope` fixes each row's LongRoPE factor set (the scheduler's rule, spec §6.8): a chunk of
+    a long prompt already uses the long factors.
+    Masking comes from the block tables and lengths, so the model builds no dense mask.
+    """
+
+    paged = True
+
+    def __init__(self, pool: PagedKVCache, *, kind: str, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                 long_rope: torch.Tensor, context_lens: torch.Tensor | None = None, start: int = 0,
+                 num_splits: int = 1, scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        if kind not in ("decode", "prefill"):
+            raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
+        self.pool = pool
+        self.kind = kind
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.context_lens = context_lens
+        self.long_rope = long_rope  # (B,) bool: which LongRoPE factor set each row's keys use
+        self.start = start
+        self.num_splits = num_splits
+        self.scratch = scratch
+
+    def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """(B, T, (H + 2*H_kv) * D) un-rotated projections -> (B, T, H * D) attention output."""
+        from ..kernels.fused import rope_qk_
+        from ..kernels.paged_attention import paged_decode_attention, paged_prefill_attention, write_kv
+
+        batch, num_new, width = qkv.shape
+        flat = qkv.reshape(batch * num_new, width)  # (N, width), N = B*T tokens
+        rope_qk_(flat, cos.reshape(batch * num_new, -1), sin.reshape(batch * num_new, -1), num_heads, num_kv_heads, head_dim)
+        k_pool, v_pool = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        write_kv(flat, k_pool, v_pool, self.slot_mapping, num_heads, num_kv_heads, head_dim)
+        if self.kind == "decode":
+            out = paged_decode_attention(flat, k_pool, v_pool, self.block_tables, self.context_lens, num_heads, head_dim,
+                                         self.num_splits, self.scratch)  # (B, H*D)
+            return out.view(batch, 1, num_heads * head_dim)
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(1, num_new, num_heads, head_dim).transpose(1, 2)  # (1, H, T, D)
+        k = k.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)  # (1, H_kv, T, D)
+        v = v.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)
+        out = paged_prefill_attention(q, k, v, k_pool, v_pool, self.block_tables[0], self.start)  # (1, H, T, D)
+        return out.transpose(1, 2).reshape(1, num_new, q_size)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from ..kernels.fused import add_rms_norm, rms_norm, silu_mul
 from .rope import LongRopeEmbedding, apply_rotary
 
 
@@ -100,9 +101,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Phi3Attention(nn.Module):
@@ -119,7 +118,12 @@ class Phi3Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         batch, num_new, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.qkv_proj(x)  # (B, T, (H + 2*H_kv) * D)
+        if getattr(cache, "paged", False):
+            # The engine's paged pool: fused rotary, cache write and paged attention kernels.
+            out = cache.attend_qkv(self.layer_idx, qkv, inputs.cos, inputs.sin, self.num_heads, self.num_kv_heads, self.head_dim)
+            return self.o_proj(out)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
@@ -144,8 +148,7 @@ class Phi3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # up * silu(gate), gate first
 
 
 class Phi3DecoderLayer(nn.Module):
@@ -157,8 +160,10 @@ class Phi3DecoderLayer(nn.Module):
         self.mlp = Phi3MLP(config)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), inputs, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(x), inputs, cache)
+        # h = x + attn and its norm in one pass (the same rounding as the two separate steps).
+        normed, h = add_rms_norm(attn, x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return h + self.mlp(normed)
 
 
 class Phi3Decoder(nn.Module):
@@ -181,11 +186,15 @@ class Phi3Decoder(nn.Module):
     ) -> torch.Tensor:
         """(B, T, hidden) embeddings -> (B, T, hidden) normed hidden states; writes T new slots into `cache`."""
         num_new = inputs_embeds.shape[1]
-        past_len = cache.length if cache is not None else 0
-        cos, sin = self.rotary(positions, inputs_embeds.dtype)
-        mask, is_causal = build_attention_mask(
-            attention_mask, past_len=past_len, num_new=num_new, sliding_window=self.config.sliding_window, device=inputs_embeds.device
-        )
+        cos, sin = self.rotary(positions, inputs_embeds.dtype, getattr(cache, "long_rope", None))
+        if getattr(cache, "paged", False):
+            mask, is_causal = None, False  # a paged batch masks through its block tables and lengths
+        else:
+            past_len = cache.length if cache is not None else 0
+            mask, is_causal = build_attention_mask(
+                attention_mask, past_len=past_len, num_new=num_new, sliding_window=self.config.sliding_window,
+                device=inputs_embeds.device,
+            )
         inputs = AttentionInputs(cos=cos, sin=sin, mask=mask, is_causal=is_causal)
         h = inputs_embeds
         for layer in self.layers:

@@ -103,12 +103,14 @@ class Phi3VForCausalLM(nn.Module):
         image_sizes: torch.Tensor | None = None,
         image_features: list[torch.Tensor] | None = None,
         logits_to_keep: int = 0,
+        has_images: bool | None = None,
     ) -> torch.Tensor:
         """Float32 logits (B, T, vocab), or of the last `logits_to_keep` positions when > 0.
 
         With a cache: the T new tokens take slots [cache.length, cache.length + T), attend to slots
         [0, cache.length + T) causally by slot and where attention_mask (B, cache.length + T) is 1,
-        and cache.length advances by T. positions default to those slot numbers.
+        and cache.length advances by T. positions default to those slot numbers. With a PagedBatch
+        (the engine's path) positions are required and masking follows its block tables.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
@@ -118,7 +120,10 @@ class Phi3VForCausalLM(nn.Module):
         device = self.lm_head.weight.device
         input_ids = input_ids.to(device)
         past_len = 0
-        if cache is not None:
+        paged = getattr(cache, "paged", False)
+        if paged and positions is None:
+            raise ValueError("a paged batch needs explicit positions")
+        if cache is not None and not paged:
             past_len = cache.length
             if getattr(cache, "batch", batch) != batch:
                 raise ValueError(f"the cache has {cache.batch} rows but input_ids has {batch}")
@@ -136,14 +141,15 @@ class Phi3VForCausalLM(nn.Module):
             raise ValueError(f"positions must be (batch, tokens) = ({batch}, {num_new}), got {tuple(positions.shape)}")
         positions = positions.to(device)
 
-        has_images = bool((input_ids < 0).any())
+        if has_images is None:  # a host sync: callers that know (CUDA-graph capture) pass it
+            has_images = bool((input_ids < 0).any())
         if has_images and image_features is None:
             if pixel_values is None or image_sizes is None:
                 raise PromptError("input_ids contain image placeholders (negative ids) but pixel_values/image_sizes were not given")
             image_features = self.encode_images(pixel_values.to(device), image_sizes)
         embeds = self._embed(input_ids, image_features, has_images)  # (B, T, hidden)
         hidden = self.language_model(embeds, positions, attention_mask, cache)  # (B, T, hidden)
-        if cache is not None:
+        if cache is not None and not paged:
             cache.advance(num_new)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]

@@ -54,10 +54,17 @@ class LongRopeEmbedding(nn.Module):
         self.inv_freq_short = longrope_inv_freq(cfg.rope_short_factor, cfg.head_dim, cfg.rope_theta).to(device)
         self.inv_freq_long = longrope_inv_freq(cfg.rope_long_factor, cfg.head_dim, cfg.rope_theta).to(device)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) int -> cos, sin (B, T, D) in `dtype`."""
-        # A row uses the long factors iff its sequence so far is longer than the original context.
-        use_long = positions.amax(dim=1) + 1 > self.original_max_position_embeddings  # (B,)
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype, use_long: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) int -> cos, sin (B, T, D) in `dtype`.
+
+        `use_long` (B,) bool overrides the per-call rule; a prompt prefilled in chunks needs it, since
+        the factor set follows the whole prompt's length, not the chunk's.
+        """
+        if use_long is None:
+            # A row uses the long factors iff its sequence so far is longer than the original context.
+            use_long = positions.amax(dim=1) + 1 > self.original_max_position_embeddings  # (B,)
         inv_freq = torch.where(use_long[:, None], self.inv_freq_long, self.inv_freq_short)  # (B, D/2)
         # float32 angles; a product of one factor each, exactly what the reference's rank-1 matmul computes.
         angles = positions.float()[:, :, None] * inv_freq[:, None, :]  # (B, T, D/2)

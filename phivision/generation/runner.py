@@ -1,0 +1,166 @@
+"""Scheduled work -> tensors -> model -> logits, on the paged KV pool.
+
+`ModelRunner` owns the pool and, on CUDA, one captured CUDA graph of the decode step per batch
+size in `graph_batch_sizes` (a decode batch runs in the smallest graph that holds it; the spare
+rows point at the reserved block 0 and write nowhere). Prefill runs eagerly: its kernels are large
+enough that launch overhead does not matter. There is one decode path whatever the batch size:
+batch 1 is simply the smallest graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.paged_attention import decode_splits
+from .kv_cache import PagedBatch, PagedKVCache
+
+DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    num_blocks: int
+    block_size: int = 64
+    max_num_seqs: int = 64
+    max_model_len: int = 8192
+    use_cuda_graphs: bool = True
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return math.ceil(self.max_model_len / self.block_size)
+
+
+class _DecodeGraph:
+    """Static buffers and the captured decode step for one batch size."""
+
+    def __init__(self, runner: "ModelRunner", batch: int):
+        device, cfg = runner.device, runner.config
+        self.batch = batch
+        self.input_ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros((batch, cfg.max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.context_lens = torch.ones((batch,), dtype=torch.int32, device=device)
+        self.long_rope = torch.zeros((batch,), dtype=torch.bool, device=device)
+        num_heads, head_dim = runner.num_heads, runner.head_dim
+        self.num_splits = decode_splits(batch, num_heads, runner.num_sms)
+        self.scratch = (
+            torch.empty((batch, num_heads, self.num_splits, head_dim), dtype=torch.float32, device=device),
+            torch.empty((batch, num_heads, self.num_splits), dtype=torch.float32, device=device),
+            torch.empty((batch, num_heads, self.num_splits), dtype=torch.float32, device=device),
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def run_eager(self, runner: "ModelRunner") -> torch.Tensor:
+        cache = PagedBatch(runner.pool, kind="decode", slot_mapping=self.slot_mapping, block_tables=self.block_tables,
+                           long_rope=self.long_rope, context_lens=self.context_lens, num_splits=self.num_splits, scratch=self.scratch)
+        return runner.model(self.input_ids, positions=self.positions, cache=cache, logits_to_keep=1, has_images=False)[:, -1]
+
+    def capture(self, runner: "ModelRunner", pool) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (Triton compilation, cuBLAS handles) outside the capture
+                self.run_eager(runner)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = self.run_eager(runner)
+
+
+class ModelRunner:
+    """Runs prefill chunks and decode steps of sequences whose blocks the block manager assigned."""
+
+    def __init__(self, model: torch.nn.Module, config: RunnerConfig, *, graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES):
+        self.model = model
+        self.config = config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        text = model.config.text
+        self.num_heads, self.head_dim = text.num_attention_heads, text.head_dim
+        self.original_max = text.original_max_position_embeddings
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
+        self.pool = PagedKVCache.for_model(model.config, num_blocks=config.num_blocks, block_size=config.block_size,
+                                           dtype=self.dtype, device=self.device)
+        sizes = sorted({b for b in graph_batch_sizes if b <= config.max_num_seqs} | {config.max_num_seqs})
+        self._graphs = {b: _DecodeGraph(self, b) for b in sizes}
+        self.graphs_captured = False
+        if config.use_cuda_graphs and self.device.type == "cuda":
+            self.capture_graphs()
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Captures the largest batch first so smaller graphs share its memory pool."""
+        mempool = torch.cuda.graph_pool_handle()
+        for batch in sorted(self._graphs, reverse=True):
+            self._graphs[batch].capture(self, mempool)
+        torch.cuda.synchronize()
+        self.graphs_captured = True
+
+    def slots(self, block_table: Sequence[int], start: int, end: int) -> list[int]:
+        size = self.config.block_size
+        return [block_table[pos // size] * size + pos % size for pos in range(start, end)]
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: Sequence[int], start: int, block_table: Sequence[int],
+                image_features: list[torch.Tensor] | None, long_rope: bool) -> torch.Tensor:
+        """Computes positions [start, start + len(token_ids)) of one sequence; logits of the last (V,).
+
+        `token_ids` are the chunk's ids (negative = image placeholders, whole runs only);
+        `long_rope` is the factor set of the whole sequence being prefilled (spec §6.8).
+        """
+        end = start + len(token_ids)
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # (1, T)
+        positions = torch.arange(start, end, device=self.device)[None]  # (1, T)
+        cache = PagedBatch(
+            self.pool,
+            kind="prefill",
+            slot_mapping=torch.tensor(self.slots(block_table, start, end), dtype=torch.long, device=self.device),
+            block_tables=torch.tensor([list(block_table)], dtype=torch.int32, device=self.device),
+            long_rope=torch.tensor([long_rope], device=self.device),
+            start=start,
+        )
+        has_images = any(t < 0 for t in token_ids)
+        logits = self.model(ids, positions=positions, cache=cache, image_features=image_features if has_images else None,
+                            logits_to_keep=1, has_images=has_images)
+        return logits[0, -1]
+
+    def _graph_for(self, batch: int) -> _DecodeGraph:
+        for size in sorted(self._graphs):
+            if size >= batch:
+                return self._graphs[size]
+        raise ValueError(f"a decode batch of {batch} is over max_num_seqs={self.config.max_num_seqs}")
+
+    @torch.inference_mode()
+    def decode(self, last_tokens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One new token per sequence: token i sits at position context_lens[i] - 1. Logits (B, V).
+
+        Each row uses the long factors iff its length is over original_max_position_embeddings; the
+        scheduler re-prefills a sequence at the step it crosses, so its cached keys agree.
+        """
+        batch = len(last_tokens)
+        g = self._graph_for(batch)
+        size = self.config.block_size
+        positions = [n - 1 for n in context_lens]
+        slots = [table[p // size] * size + p % size for table, p in zip(block_tables, positions)]
+        pad = g.batch - batch
+        width = g.block_tables.shape[1]
+        tables = torch.zeros((g.batch, width), dtype=torch.int32)
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        # One host->device copy per buffer; padded rows write nowhere and read one token of block 0.
+        g.input_ids.copy_(torch.tensor(list(last_tokens) + [0] * pad).view(-1, 1), non_blocking=True)
+        g.positions.copy_(torch.tensor(positions + [0] * pad).view(-1, 1), non_blocking=True)
+        g.slot_mapping.copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        g.context_lens.copy_(torch.tensor(list(context_lens) + [1] * pad, dtype=torch.int32), non_blocking=True)
+        g.long_rope.copy_(torch.tensor([n > self.original_max for n in context_lens] + [False] * pad), non_blocking=True)
+        g.block_tables.copy_(tables, non_blocking=True)
+        if g.graph is not None:
+            g.graph.replay()
+            return g.logits[:batch]
+        return g.run_eager(self)[:batch]

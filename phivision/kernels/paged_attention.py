@@ -1,0 +1,210 @@
+"""Attention over a paged KV cache: cache writes, decode (one query per sequence), and prefill.
+
+Pool layout, per layer: keys and values of shape (num_blocks, H_kv, block_size, D), so one head's
+block is one contiguous tile (coalesced loads). A sequence's block table lists its blocks in order;
+token t lives in block block_table[t // block_size] at offset t % block_size ("slot" =
+block * block_size + offset).
+
+Decode is memory-bound: every step reads each sequence's whole cache once. With few sequences
+(batch 1) there are too few (sequence, head) pairs to fill the GPU, so the context is split into
+`num_splits` parts handled by separate programs and combined by a second small kernel
+(flash-decoding). The split count is fixed per launch shape so the step can be captured in a
+CUDA graph; each program works out its share from the sequence's length at run time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _write_kv_kernel(QKV, K_POOL, V_POOL, SLOTS, stride_tok, k_offset, v_offset,
+                         stride_kb, stride_kh, stride_kt,
+                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        tok = tl.program_id(0)
+        head = tl.program_id(1)
+        slot = tl.load(SLOTS + tok)
+        if slot >= 0:
+            block = slot // BLOCK_SIZE
+            offset = slot % BLOCK_SIZE
+            d = tl.arange(0, BLOCK_D)
+            mask = d < HEAD_DIM
+            src = QKV + tok * stride_tok + head * HEAD_DIM + d
+            dst = block * stride_kb + head * stride_kh + offset * stride_kt + d
+            tl.store(K_POOL + dst, tl.load(src + k_offset, mask=mask), mask=mask)
+            tl.store(V_POOL + dst, tl.load(src + v_offset, mask=mask), mask=mask)
+
+    @triton.jit
+    def _decode_split_kernel(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L,
+                             stride_tok, stride_kb, stride_kh, stride_kt, stride_bt,
+                             stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
+                             sm_scale, NUM_SPLITS: tl.constexpr, KV_GROUP: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_head = head // KV_GROUP
+        context = tl.load(CONTEXT_LENS + seq)
+        num_blocks = tl.cdiv(context, BLOCK_SIZE)
+        per_split = tl.cdiv(num_blocks, NUM_SPLITS)
+        first = split * per_split
+        last = tl.minimum(first + per_split, num_blocks)
+
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        t = tl.arange(0, BLOCK_SIZE)
+        q = tl.load(QKV + seq * stride_tok + head * HEAD_DIM + d, mask=d_mask, other=0.0).to(tl.float32) * sm_scale
+        m = tl.full([], float("-inf"), tl.float32)
+        l = tl.zeros([], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for i in range(first, last):
+            block = tl.load(BLOCK_TABLES + seq * stride_bt + i)
+            valid = (i * BLOCK_SIZE + t) < context
+            tile = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt + d[None, :]
+            tile_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(K_POOL + tile, mask=tile_mask, other=0.0).to(tl.float32)
+            scores = tl.sum(k * q[None, :], axis=1)  # (BLOCK_SIZE,)
+            scores = tl.where(valid, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new)
+            v = tl.load(V_POOL + tile, mask=tile_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l = l * alpha + tl.sum(p, axis=0)
+            m = m_new
+        tl.store(ACC + seq * stride_acc_b + head * stride_acc_h + split * stride_acc_s + d, acc, mask=d_mask)
+        tl.store(M + seq * stride_ml_b + head * stride_ml_h + split, m)
+        tl.store(L + seq * stride_ml_b + head * stride_ml_h + split, l)
+
+    @triton.jit
+    def _decode_combine_kernel(ACC, M, L, OUT, stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
+                               stride_out_b, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        s = tl.arange(0, SPLITS_P2)
+        s_mask = s < NUM_SPLITS
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        m = tl.load(M + seq * stride_ml_b + head * stride_ml_h + s, mask=s_mask, other=float("-inf"))
+        l = tl.load(L + seq * stride_ml_b + head * stride_ml_h + s, mask=s_mask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)  # empty splits weigh nothing
+        acc = tl.load(ACC + seq * stride_acc_b + head * stride_acc_h + s[:, None] * stride_acc_s + d[None, :],
+                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+        tl.store(OUT + seq * stride_out_b + head * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton_available()
+
+
+def write_kv(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor,
+             num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Copies the k and v heads of each token of a fused (N, (H + 2*H_kv) * D) qkv buffer to its slot
+    (slot -1 = skip, for padded rows)."""
+    n = qkv.shape[0]
+    block_size = k_pool.shape[2]
+    if not _use_triton(qkv):
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        kv = qkv[keep, num_heads * head_dim :].view(-1, 2, num_kv_heads, head_dim)  # (n, 2, H_kv, D)
+        blocks, offsets = slots // block_size, slots % block_size
+        k_pool[blocks, :, offsets] = kv[:, 0]
+        v_pool[blocks, :, offsets] = kv[:, 1]
+        return
+    _write_kv_kernel[(n, num_kv_heads)](
+        qkv, k_pool, v_pool, slot_mapping, qkv.stride(0), num_heads * head_dim, (num_heads + num_kv_heads) * head_dim,
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+def decode_splits(num_seqs: int, num_heads: int, num_sms: int) -> int:
+    """Enough context splits that (sequences x heads x splits) fills the GPU about twice over."""
+    return max(1, min(16, math.ceil(2 * num_sms / max(1, num_seqs * num_heads))))
+
+
+def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, num_heads: int, head_dim: int, num_splits: int,
+                           scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One query per sequence (rows of qkv) over its cached context -> (B, H * D).
+
+    The query's own key/value must already be in the pool (write_kv first). `scratch` lets a
+    CUDA graph keep its split buffers (acc (B, H, S, D) f32, m and l (B, H, S) f32).
+    """
+    num_seqs = qkv.shape[0]
+    num_kv_heads = k_pool.shape[1]
+    if not _use_triton(qkv):
+        return paged_decode_attention_reference(qkv, k_pool, v_pool, block_tables, context_lens, num_heads, head_dim)
+    if scratch is None:
+        scratch = (
+            torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=qkv.device),
+            torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=qkv.device),
+            torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=qkv.device),
+        )
+    acc, m, l = scratch
+    out = torch.empty((num_seqs, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(num_seqs, num_heads, num_splits)](
+        qkv, k_pool, v_pool, block_tables, context_lens, acc, m, l,
+        qkv.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        1.0 / math.sqrt(head_dim), NUM_SPLITS=num_splits, KV_GROUP=num_heads // num_kv_heads,
+        BLOCK_SIZE=k_pool.shape[2], HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+    )
+    _decode_combine_kernel[(num_seqs, num_heads)](
+        acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),
+        NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+    )
+    return out
+
+
+def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` cached keys (or values) -> (H_kv, length, D)."""
+    blocks = pool[block_table[: math.ceil(length / pool.shape[2])]]  # (n, H_kv, block, D)
+    return blocks.permute(1, 0, 2, 3).reshape(pool.shape[1], -1, pool.shape[3])[:, :length]
+
+
+def paged_decode_attention_reference(qkv, k_pool, v_pool, block_tables, context_lens, num_heads, head_dim) -> torch.Tensor:
+    """Plain PyTorch: gather each sequence's keys/values and attend (the check for the kernel)."""
+    out = []
+    group = num_heads // k_pool.shape[1]
+    for row, length in enumerate(context_lens.tolist()):
+        q = qkv[row, : num_heads * head_dim].view(num_heads, 1, head_dim)  # (H, 1, D)
+        k = gather_kv(k_pool, block_tables[row], length).repeat_interleave(group, dim=0)  # (H, S, D)
+        v = gather_kv(v_pool, block_tables[row], length).repeat_interleave(group, dim=0)
+        scores = (q.float() @ k.float().transpose(1, 2)) / math.sqrt(head_dim)  # (H, 1, S)
+        out.append((scores.softmax(-1) @ v.float()).to(qkv.dtype).reshape(num_heads * head_dim))
+    return torch.stack(out)
+
+
+def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            block_table: torch.Tensor, start: int) -> torch.Tensor:
+    """One sequence's chunk of T queries at positions [start, start+T) -> (1, H, T, D).
+
+    q/k/v (1, H, T, D) are the chunk's own (already rotated; k/v already written to the pool). A
+    chunk that starts the sequence attends to itself causally (fused SDPA kernels); a later chunk
+    also reads the cached part from the pool.
+    """
+    num_heads, num_new = q.shape[1], q.shape[2]
+    group = num_heads // k_pool.shape[1]
+    if start == 0:
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    total = start + num_new
+    keys = gather_kv(k_pool, block_table, total).repeat_interleave(group, dim=0)[None]  # (1, H, S, D)
+    values = gather_kv(v_pool, block_table, total).repeat_interleave(group, dim=0)[None]
+    query_pos = torch.arange(start, total, device=q.device)[:, None]
+    mask = torch.arange(total, device=q.device)[None, :] <= query_pos  # (T, S)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
