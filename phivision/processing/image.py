@@ -9,8 +9,10 @@ differently to be fast:
   the same two passes in the mirrored order on the untransposed image instead: identical bytes,
   no transposes.
 * Each pass is still PIL's own resampler (exact by construction, whatever the Pillow version),
-  but cut into bands that run on several threads: a horizontal pass treats rows independently
-  and a vertical pass columns, and PIL releases the GIL while it resamples.
+  but cut into pieces that run on several threads (PIL releases the GIL while it resamples): a
+  horizontal pass treats rows independently and a vertical pass columns. When the long side
+  shrinks by a whole factor (e.g. 4032 -> 1344) each thread resizes a whole strip of the output,
+  reading the source in place; otherwise the passes run band by band on cropped copies.
 * Normalisation runs once on the HD tensor with the reference's float32 operations
   ((x / 255 - mean) / std); padding is written as the normalised white value directly; the crops
   are one strided copy into the output instead of a per-crop loop and concatenations.
@@ -44,7 +46,7 @@ RESAMPLE = Image.Resampling.BILINEAR  # torchvision's default for PIL images; an
 
 # Resize passes are cut into bands for threads; below this many source pixels a band is not worth a thread.
 _MIN_BAND_PIXELS = 1 << 18
-_BANDS_PER_THREAD = 4  # a few bands per thread keep threads busy when one is slowed down
+_BANDS_PER_THREAD = 2  # more bands than threads keep threads busy when one is slowed down
 
 
 @dataclass(frozen=True)
@@ -160,11 +162,11 @@ def _default_num_threads() -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
-def _num_bands(width: int, height: int, across: int, num_threads: int) -> int:
-    """How many bands to cut a pass into: one per thread or a few more for balance, never tiny ones."""
+def _num_bands(width: int, height: int, across: int, num_threads: int, bands_per_thread: int = 1) -> int:
+    """How many bands to cut a width x height source into for num_threads: never tiny ones."""
     if num_threads <= 1:
         return 1
-    return max(1, min(across, num_threads * _BANDS_PER_THREAD, width * height // _MIN_BAND_PIXELS))
+    return max(1, min(across, num_threads * bands_per_thread, width * height // _MIN_BAND_PIXELS))
 
 
 def _resize_pass(image: Image.Image, size: tuple[int, int], num_threads: int) -> Image.Image:
@@ -181,7 +183,7 @@ def _resize_pass(image: Image.Image, size: tuple[int, int], num_threads: int) ->
     if not horizontal and size[0] != width:
         raise ValueError(f"one pass changes one axis only: {image.size} -> {size}")
     across = height if horizontal else width  # the bands are cut along this axis
-    num_bands = _num_bands(width, height, across, num_threads)
+    num_bands = _num_bands(width, height, across, num_threads, _BANDS_PER_THREAD)
     if num_bands == 1:
         return image.resize(size, RESAMPLE)
     edges = [across * i // num_bands for i in range(num_bands + 1)]
@@ -200,15 +202,53 @@ def _resize_pass(image: Image.Image, size: tuple[int, int], num_threads: int) ->
     return result
 
 
+def _resize_in_strips(image: Image.Image, geometry: _HDGeometry, num_strips: int) -> np.ndarray:
+    """Both passes strip by strip, for a long side shrunk by a whole factor f >= 2.
+
+    The output's long axis is cut into strips; each thread runs the first pass for its strip with
+    PIL's `box` (reading the source in place, no crop copy), then the second pass on that strip
+    alone (the second pass maps lines across the strip independently).
+
+    Why the first pass is exact: PIL derives the filter taps of output i from in0 + (i + 0.5) * scale
+    with scale = (in1 - in0) / out_size. With in0 = a * f, in1 = b * f and b - a outputs, scale == f
+    and every center is a small multiple of 0.5, so all of it is exact in floating point and equals
+    the full resize's (a + i + 0.5) * f. Same taps, same integer weights, same bytes. (For a
+    non-integer factor the rounding of those expressions could differ, so that case uses bands.)
+    """
+    width, height = image.size
+    new_width, new_height = geometry.resized_size
+    long_in = height if geometry.transposed else width
+    factor = long_in // geometry.long_size
+    edges = [geometry.long_size * i // num_strips for i in range(num_strips + 1)]
+    out = np.empty((new_height, new_width, 3), dtype=np.uint8)
+
+    def resize_strip(strip: int) -> None:
+        lo, hi = edges[strip], edges[strip + 1]
+        if geometry.transposed:  # long axis = rows: vertical pass first, then horizontal
+            part = image.resize((width, hi - lo), RESAMPLE, box=(0, lo * factor, width, hi * factor))
+            out[lo:hi] = np.asarray(part.resize((new_width, hi - lo), RESAMPLE))
+        else:  # long axis = columns: horizontal pass first, then vertical
+            part = image.resize((hi - lo, height), RESAMPLE, box=(lo * factor, 0, hi * factor, height))
+            out[:, lo:hi] = np.asarray(part.resize((hi - lo, new_height), RESAMPLE))
+
+    with ThreadPoolExecutor(num_strips) as pool:
+        list(pool.map(resize_strip, range(num_strips)))
+    return out
+
+
 def _resize_core(image: Image.Image, geometry: _HDGeometry, num_threads: int) -> np.ndarray:
     """The resized, unpadded image as (h, w, 3) uint8, equal to the reference's transpose/resize/transpose.
 
     PIL resizes horizontally first, then vertically. For a portrait source the reference resizes
     the transposed image, i.e. it scales the source's height first and its width second; we do
-    exactly that on the source orientation.
+    exactly that on the source orientation, so no transposes are needed.
     """
     width, height = image.size
     new_width, new_height = geometry.resized_size
+    long_in = height if geometry.transposed else width
+    num_strips = _num_bands(width, height, geometry.long_size, num_threads, bands_per_thread=1)
+    if num_strips > 1 and long_in % geometry.long_size == 0 and long_in >= 2 * geometry.long_size:
+        return _resize_in_strips(image, geometry, num_strips)
     if geometry.transposed:
         staged = _resize_pass(image, (width, new_height), num_threads)  # long side (source height) first
     else:
@@ -224,6 +264,15 @@ def _pad_slices(geometry: _HDGeometry) -> tuple[slice, slice]:
     if geometry.transposed:
         return slice(0, height), slice(before, before + width)
     return slice(before, before + height), slice(0, width)
+
+
+def _padding_slices(geometry: _HDGeometry) -> list[tuple[slice, slice]]:
+    """(rows, cols) of the white strips around the resized image: before and after it on the short axis."""
+    rows, cols = _pad_slices(geometry)
+    inner = cols if geometry.transposed else rows
+    strips = [slice(0, inner.start), slice(inner.stop, geometry.short_padded)]
+    full = slice(None)
+    return [(full, strip) if geometry.transposed else (strip, full) for strip in strips if strip.stop > strip.start]
 
 
 def hd_transform(image: Image.Image, num_crops: int) -> np.ndarray:
@@ -248,7 +297,9 @@ def _normalise_(values: torch.Tensor) -> torch.Tensor:
 def _hd_tensor(core: np.ndarray, geometry: _HDGeometry) -> torch.Tensor:
     """Normalised HD canvas (1, 3, h, w) float32: the resized pixels plus normalised white padding."""
     hd = torch.empty((1, 3, *geometry.hd_size), dtype=torch.float32)
-    hd[0] = _normalise_(torch.full((3, 1, 1), float(PAD_VALUE)))  # white everywhere, then the image on top
+    white = _normalise_(torch.full((3, 1, 1), float(PAD_VALUE)))  # the same float32 ops as for image pixels
+    for pad_rows, pad_cols in _padding_slices(geometry):
+        hd[0, :, pad_rows, pad_cols] = white
     rows, cols = _pad_slices(geometry)
     region = hd[0, :, rows, cols]
     # np.asarray(PIL image) is read-only and torch wants writable memory: copy only in that case.
@@ -262,8 +313,8 @@ def _fill_pixel_values(out: torch.Tensor, hd: torch.Tensor) -> tuple[int, int]:
     _, _, hd_height, hd_width = hd.shape
     rows, cols = hd_height // CROP_SIZE, hd_width // CROP_SIZE
     num_real = rows * cols
-    if num_real + 1 > out.shape[0]:
-        raise AssertionError(f"{rows}x{cols} crops do not fit {out.shape[0] - 1} slots")
+    if num_real + 1 > out.shape[0]:  # cannot happen: rows * cols <= num_crops by construction
+        raise RuntimeError(f"{rows}x{cols} crops do not fit {out.shape[0] - 1} slots")
     out[0] = F.interpolate(hd, size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False, antialias=False)[0]
     # (1, 3, rows*336, cols*336) -> (rows, cols, 3, 336, 336): one strided copy, no per-crop loop
     tiles = hd.view(3, rows, CROP_SIZE, cols, CROP_SIZE).permute(1, 3, 0, 2, 4)

@@ -101,6 +101,8 @@ def _open(source: Any, *, allow_urls: bool, max_pixels: int | None) -> tuple[Ima
     elif isinstance(source, str) and source.lower().startswith(_URL_SCHEMES):
         data = _fetch_url(source, allow_urls)
     elif isinstance(source, (str, Path)):
+        if not str(source):
+            raise ImageLoadError("''", "empty path")
         data = _read_file(Path(source).expanduser(), description)
     else:
         raise ImageLoadError(
@@ -112,6 +114,7 @@ def _open(source: Any, *, allow_urls: bool, max_pixels: int | None) -> tuple[Ima
     try:
         with warnings.catch_warnings():
             # PIL warns above its own pixel limit; our max_pixels check below decides instead.
+            # (catch_warnings swaps the process-wide filters: the usual caveat for threaded callers.)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:

@@ -156,11 +156,22 @@ def test_hd_transform_equals_the_reference_recipe(width, height, num_crops):
     assert np.array_equal(got, expected)
 
 
-@pytest.mark.parametrize(("width", "height"), [(640, 480), (480, 640), (1200, 50), (50, 1200), (997, 613)])
+@pytest.mark.parametrize(
+    ("width", "height", "strips"),
+    [
+        # non-integer shrink/grow of the long side: banded passes with crops
+        (640, 480, False), (480, 640, False), (1200, 50, False), (50, 1200, False), (997, 613, False),
+        # long side shrunk by a whole factor (2 or 3): strips read through PIL's box
+        (1344, 500, True), (500, 1344, True), (2016, 1512, True), (1512, 2016, True), (4032, 100, True),
+    ],
+)
 @pytest.mark.parametrize("num_threads", [2, 3, 5])
-def test_banded_threaded_resize_is_exact(monkeypatch, width, height, num_threads):
-    # Force many small bands on a small image: the banded passes must still equal one PIL resize.
+def test_threaded_resize_is_exact(monkeypatch, width, height, strips, num_threads):
+    # Force many small bands/strips on a small image: the result must still equal one PIL resize.
     monkeypatch.setattr(image_module, "_MIN_BAND_PIXELS", 1)
+    strip_calls = []
+    real_strips = image_module._resize_in_strips
+    monkeypatch.setattr(image_module, "_resize_in_strips", lambda *args: strip_calls.append(args) or real_strips(*args))
     image = random_image(width, height, seed=width + height)
     for num_crops in (4, 16):
         geometry = image_module._hd_geometry(width, height, num_crops)
@@ -172,6 +183,7 @@ def test_banded_threaded_resize_is_exact(monkeypatch, width, height, num_threads
         mask = np.ones(expected.shape[:2], dtype=bool)
         mask[rows, cols] = False
         assert (expected[mask] == 255).all()
+    assert bool(strip_calls) == strips
 
 
 @pytest.mark.parametrize(("width", "height", "num_crops"), [(451, 300, 16), (300, 451, 4), (200, 200, 1), (1000, 1, 4), (90, 700, 9)])

@@ -233,6 +233,7 @@ def test_urls_are_off_by_default():
     ("source", "match"),
     [
         (123, "unsupported input type"),
+        ("", "empty path"),
         (None, "unsupported input type"),
         (np.zeros((4, 4, 3), dtype=np.float32), "uint8"),
         (np.zeros((4, 4, 2), dtype=np.uint8), r"shape"),
