@@ -1,0 +1,270 @@
+"""Batch-1 latency benchmark: workloads W1-W3 of ../shared/bench/WORKLOADS.md on one CUDA GPU.
+
+    python benchmarks/bench_latency.py --out benchmarks/results/DATE-DEVICE.json [--skip-baseline]
+
+Real Phi-3.5-vision shapes (../shared/spec/phi35v-config.json; the stand-in tokenizer from
+../shared/tokenizer; `--shared` points elsewhere) with random bf16 weights, written as a two-shard checkpoint and loaded
+through our loader. Random weights never emit an end token, so every run generates exactly the
+workload's token count. Images are made deterministically and handed over as PNG bytes: the
+time to first token includes decoding, preprocessing, the vision tower and prefill.
+
+In the same run: the ceilings (device-to-device copy bandwidth, bf16 matmul rate), the floors
+derived from them, and the plain Hugging Face transformers baseline (Phi3ForCausalLM +
+CLIPVisionModel with the same shapes, sdpa, `generate` with its default cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from phivision.generation.engine import Engine, EngineConfig
+from phivision.generation.sampling import SamplingParams
+from phivision.processing.prompt import Processor
+from phivision.weights import load_model, write_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+KV_BYTES_PER_TOKEN = 32 * 2 * 3072 * 2  # layers x (k, v) x hidden x bf16 = 384 KiB
+
+WORKLOADS = {
+    "W1": dict(images=[(1344, 1344)], num_crops=16, new_tokens=256,
+               text="Describe this image in detail, including the main subject, actions, and setting."),
+    "W2": dict(images=[(1280, 720)] * 8, num_crops=4, new_tokens=256, text="Summarize what happens in these frames."),
+    "W3": dict(images=[], num_crops=4, new_tokens=64, text_tokens=8192),
+}
+
+
+def make_png(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin((x + y) / 50)], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# ------------------------------------------------------------------ ceilings and floors
+
+
+def measure_ceilings() -> dict:
+    n = 1 << 30  # 1 GiB each way
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        t0 = sync_time()
+        dst.copy_(src)
+        times.append(sync_time() - t0)
+    copy_bw = 2 * n / statistics.median(times)  # bytes read + written
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        t0 = sync_time()
+        a @ b
+        times.append(sync_time() - t0)
+    matmul = 2 * 8192**3 / statistics.median(times)
+    torch.cuda.empty_cache()
+    return {"copy_bytes_s": copy_bw, "matmul_flop_s": matmul}
+
+
+def floors(model, prompt_tokens: int, new_tokens: int, num_crops_run: int, ceilings: dict) -> dict:
+    text_params = sum(p.numel() for n, p in model.language_model.named_parameters() if "embed_tokens" not in n)
+    text_params += model.lm_head.weight.numel()
+    vision_params = sum(p.numel() for p in model.vision_tower.parameters())
+    weight_bytes = text_params * 2
+    cfg = model.config.text
+    attn_flops = 2 * 2 * cfg.num_hidden_layers * cfg.hidden_size * prompt_tokens * prompt_tokens / 2  # causal qk + pv
+    prefill_flops = 2 * text_params * prompt_tokens + attn_flops + 2 * vision_params * 577 * num_crops_run
+    mid_context = prompt_tokens + new_tokens / 2
+    decode_s = (weight_bytes + KV_BYTES_PER_TOKEN * mid_context) / ceilings["copy_bytes_s"]
+    ttft_s = prefill_flops / ceilings["matmul_flop_s"]
+    return {"ttft_ms": ttft_s * 1e3, "decode_tok_s": 1 / decode_s, "e2e_s": ttft_s + decode_s * (new_tokens - 1)}
+
+
+# ------------------------------------------------------------------ ours
+
+
+def workload_inputs(name: str, processor: Processor):
+    spec = WORKLOADS[name]
+    if name == "W3":
+        rng = np.random.default_rng(3)
+        ids = rng.integers(1000, 29000, size=spec["text_tokens"]).tolist()
+        body = processor.tokenizer.decode(ids)
+        return f"<|user|>\n{body}<|end|>\n<|assistant|>\n", []
+    images = [make_png(w, h, seed) for seed, (w, h) in enumerate(spec["images"])]
+    tags = "".join(f"<|image_{i + 1}|>\n" for i in range(len(images)))
+    return f"<|user|>\n{tags}{spec['text']}<|end|>\n<|assistant|>\n", images
+
+
+def run_ours(engine: Engine, processor: Processor, name: str) -> dict:
+    spec = WORKLOADS[name]
+    prompt, images = workload_inputs(name, processor)
+    params = SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True)
+    results = []
+    for _ in range(3):  # first run warms up; the median of the others is reported
+        torch.cuda.reset_peak_memory_stats()
+        t0 = sync_time()
+        request_id = engine.add_prompt(prompt, images, params, num_crops=spec["num_crops"], use_image_cache=False)
+        info = engine.request_info(request_id)
+        first = None
+        count = 0
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.request_id == request_id and out.token_id is not None:
+                    count += 1
+                    if first is None:
+                        first = sync_time()
+        end = sync_time()
+        results.append({
+            "prompt_tokens": info.num_prompt_tokens,
+            "crops_run": info.num_crops_run,
+            "new_tokens": count,
+            "ttft_ms": (first - t0) * 1e3,
+            "decode_tok_s": (count - 1) / (end - first),
+            "e2e_s": end - t0,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        })
+    timed = results[1:]
+    return {key: statistics.median(r[key] for r in timed) for key in timed[0]} | {"runs": results}
+
+
+# ------------------------------------------------------------------ baseline
+
+
+def run_baseline(config: dict, processor: Processor, names: list[str]) -> dict:
+    """Plain transformers with the same shapes: CLIP tower for the crops, Phi-3 decoder for the text."""
+    import transformers
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3ForCausalLM
+
+    rope = config["rope_scaling"]
+    phi_cfg = Phi3Config(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"], max_position_embeddings=config["max_position_embeddings"],
+        original_max_position_embeddings=config["original_max_position_embeddings"], rms_norm_eps=config["rms_norm_eps"],
+        rope_scaling={"type": "longrope", "rope_type": "longrope", "long_factor": rope["long_factor"], "short_factor": rope["short_factor"]},
+        pad_token_id=32000, bos_token_id=1, eos_token_id=32000, attn_implementation="sdpa",
+    )
+    clip_cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                image_size=336, patch_size=14, projection_dim=768, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        lm = Phi3ForCausalLM(phi_cfg).to(torch.bfloat16).eval()
+        clip = CLIPVisionModel(clip_cfg).to(torch.bfloat16).eval()
+        projector = torch.nn.Sequential(torch.nn.Linear(4096, 3072), torch.nn.GELU(), torch.nn.Linear(3072, 3072)).to(torch.bfloat16)
+    out = {"transformers": transformers.__version__}
+    for name in names:
+        spec = WORKLOADS[name]
+        prompt, images = workload_inputs(name, processor)
+        proc = Processor(processor.tokenizer, num_crops=spec["num_crops"])
+        runs = []
+        for _ in range(2):
+            torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                t0 = sync_time()
+                inputs = proc(prompt, images or None)
+                ids = inputs["input_ids"].cuda()
+                embeds = lm.get_input_embeddings()(ids.clamp(min=0))
+                if images:
+                    pv = inputs["pixel_values"].cuda().to(torch.bfloat16)
+                    crops = pv.flatten(0, 1)  # every slot, padding included, like the reference
+                    hidden = clip(crops, output_hidden_states=True).hidden_states[-2][:, 1:]  # (N, 576, 1024)
+                    merged = hidden.reshape(-1, 12, 2, 12, 2, 1024).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4096)
+                    feats = projector(merged)
+                    positions = (ids[0] < 0).nonzero().squeeze(1)
+                    embeds[0, positions] = feats[: positions.numel()]
+                mask = torch.ones(ids.shape, dtype=torch.long, device="cuda")
+                t_vision = sync_time()
+                lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=1, do_sample=False)
+                t1 = sync_time()
+                lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=spec["new_tokens"],
+                            min_new_tokens=spec["new_tokens"], do_sample=False)
+                t2 = sync_time()
+            # TTFT: preprocessing + vision + prefill + first token. The full call repeats the prefill:
+            # its decode time is the call less one prefill.
+            prefill = t1 - t_vision
+            decode_time = (t2 - t1) - prefill
+            runs.append({"prompt_tokens": ids.shape[1], "ttft_ms": (t1 - t0) * 1e3,
+                         "decode_tok_s": (spec["new_tokens"] - 1) / decode_time, "e2e_s": (t_vision - t0) + (t2 - t1),
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        out[name] = runs[-1]
+    del lm, clip
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="phivision batch-1 latency benchmark (W1-W3)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    args = parser.parse_args()
+    names = args.workloads.split(",")
+    config = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
+              "settings": "batch 1, greedy, end-of-sequence ignored, random bf16 weights at the real shapes, CUDA graphs on"}
+    report["ceilings"] = measure_ceilings()
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        ckpt = write_random_checkpoint(config, Path(tmp) / "ckpt", dtype=torch.bfloat16, num_shards=2, seed=0)
+        for f in (args.shared / "tokenizer").iterdir():
+            (Path(ckpt) / f.name).write_bytes(f.read_bytes())
+        t0 = time.perf_counter()
+        model = load_model(str(ckpt), device="cuda", dtype=torch.bfloat16, progress=False)
+        report["load_s"] = time.perf_counter() - t0
+        processor = Processor.from_pretrained(str(ckpt), num_crops=4)
+        engine = Engine(model, processor, EngineConfig(max_num_seqs=1, max_model_len=8192 + 64 + 64, kv_cache_tokens=8448))
+        report["engine_setup_s"] = engine.setup_s
+        floors_out = {}
+        for name in names:
+            report[name] = run_ours(engine, processor, name)
+            floors_out[name] = floors(model, int(report[name]["prompt_tokens"]), WORKLOADS[name]["new_tokens"],
+                                      int(report[name]["crops_run"]), report["ceilings"])
+        report["floors"] = floors_out
+        del engine, model
+        torch.cuda.empty_cache()
+        if not args.skip_baseline:
+            report["baseline"] = run_baseline(config, processor, names)
+
+    text = json.dumps(report, indent=1, default=float)
+    if args.out:
+        args.out.write_text(text)
+    c = report["ceilings"]
+    print(f"device {report['device']}  torch {report['torch']}  copy {c['copy_bytes_s'] / 1e12:.2f} TB/s  "
+          f"matmul {c['matmul_flop_s'] / 1e12:.0f} TFLOP/s  load {report['load_s']:.1f} s")
+    print(f"{'':4} {'figure':13} {'ours':>9} {'floor':>9} {'base':>9} {'floor/ours':>10} {'ours/base':>9}")
+    for name in names:
+        ours, floor, base = report[name], report["floors"][name], report.get("baseline", {}).get(name, {})
+        for key in ("ttft_ms", "decode_tok_s", "e2e_s", "peak_gib"):
+            o, f, b = ours[key], floor.get(key), base.get(key)
+            if key == "decode_tok_s":
+                r_floor, r_base = (o / f if f else None), (o / b if b else None)
+            else:
+                r_floor, r_base = (f / o if f else None), (b / o if b else None)
+            fmt = lambda v: "-" if v is None else f"{v:9.2f}"  # noqa: E731
+            print(f"{name:4} {key:13} {fmt(o)} {fmt(f)} {fmt(b)} {fmt(r_floor):>10} {fmt(r_base):>9}")
+
+
+if __name__ == "__main__":
+    main()
