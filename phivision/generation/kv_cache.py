@@ -139,14 +139,13 @@ class PagedBatch:
     def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         """(B, T, (H + 2*H_kv) * D) un-rotated projections -> (B, T, H * D) attention output."""
-        from ..kernels.fused import rope_qk_
-        from ..kernels.paged_attention import paged_decode_attention, paged_prefill_attention, write_kv
+        from ..kernels.paged_attention import paged_decode_attention, paged_prefill_attention, rope_and_write_kv_
 
         batch, num_new, width = qkv.shape
         flat = qkv.reshape(batch * num_new, width)  # (N, width), N = B*T tokens
-        rope_qk_(flat, cos.reshape(batch * num_new, -1), sin.reshape(batch * num_new, -1), num_heads, num_kv_heads, head_dim)
         k_pool, v_pool = self.pool.keys[layer_idx], self.pool.values[layer_idx]
-        write_kv(flat, k_pool, v_pool, self.slot_mapping, num_heads, num_kv_heads, head_dim)
+        rope_and_write_kv_(flat, cos.reshape(batch * num_new, -1), sin.reshape(batch * num_new, -1), k_pool, v_pool,
+                           self.slot_mapping, num_heads, num_kv_heads, head_dim)
         if self.kind == "decode":
             out = paged_decode_attention(flat, k_pool, v_pool, self.block_tables, self.context_lens, num_heads, head_dim,
                                          self.num_splits, self.scratch)  # (B, H*D)

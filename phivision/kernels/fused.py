@@ -91,7 +91,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass."""
     if not _use_triton(x):
-        h = x + residual
+        h = residual + x
         return rms_norm(h, weight, eps), h
     x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
     y, h = torch.empty_like(x2), torch.empty_like(x2)

@@ -43,11 +43,48 @@ if triton_available():
             tl.store(V_POOL + dst, tl.load(src + v_offset, mask=mask), mask=mask)
 
     @triton.jit
+    def _rope_write_kv_kernel(QKV, COS, SIN, K_POOL, V_POOL, SLOTS, stride_tok, stride_cs,
+                              stride_kb, stride_kh, stride_kt, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              BLOCK_HALF: tl.constexpr):
+        # One program per (token, head) over the q, k and v heads: q and k are rotated in place
+        # (NeoX halves, each product rounded like the reference), k and v also go to their slot.
+        tok = tl.program_id(0)
+        head = tl.program_id(1)
+        i = tl.arange(0, BLOCK_HALF)
+        mask = i < HALF
+        base = QKV + tok * stride_tok + head * HEAD_DIM
+        a = tl.load(base + i, mask=mask, other=0.0)
+        b = tl.load(base + HALF + i, mask=mask, other=0.0)
+        if head < NUM_HEADS + NUM_KV_HEADS:
+            cos_a = tl.load(COS + tok * stride_cs + i, mask=mask, other=0.0).to(tl.float32)
+            cos_b = tl.load(COS + tok * stride_cs + HALF + i, mask=mask, other=0.0).to(tl.float32)
+            sin_a = tl.load(SIN + tok * stride_cs + i, mask=mask, other=0.0).to(tl.float32)
+            sin_b = tl.load(SIN + tok * stride_cs + HALF + i, mask=mask, other=0.0).to(tl.float32)
+            af = a.to(tl.float32)
+            bf = b.to(tl.float32)
+            a_new = ((af * cos_a).to(a.dtype).to(tl.float32) + (-bf * sin_a).to(a.dtype).to(tl.float32)).to(a.dtype)
+            b_new = ((bf * cos_b).to(a.dtype).to(tl.float32) + (af * sin_b).to(a.dtype).to(tl.float32)).to(a.dtype)
+            tl.store(base + i, a_new, mask=mask)
+            tl.store(base + HALF + i, b_new, mask=mask)
+            a = a_new
+            b = b_new
+        if head >= NUM_HEADS:
+            slot = tl.load(SLOTS + tok)
+            if slot >= 0:
+                kv_head = (head - NUM_HEADS) % NUM_KV_HEADS
+                dst = (slot // BLOCK_SIZE) * stride_kb + kv_head * stride_kh + (slot % BLOCK_SIZE) * stride_kt
+                pool = K_POOL if head < NUM_HEADS + NUM_KV_HEADS else V_POOL
+                tl.store(pool + dst + i, a, mask=mask)
+                tl.store(pool + dst + HALF + i, b, mask=mask)
+
+    @triton.jit
     def _decode_split_kernel(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L,
                              stride_tok, stride_kb, stride_kh, stride_kt, stride_bt,
                              stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
                              sm_scale, NUM_SPLITS: tl.constexpr, KV_GROUP: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             NUM_STAGES: tl.constexpr):
         seq = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -65,19 +102,20 @@ if triton_available():
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], tl.float32)
         acc = tl.zeros([BLOCK_D], tl.float32)
-        for i in range(first, last):
+        for i in tl.range(first, last, num_stages=NUM_STAGES):
             block = tl.load(BLOCK_TABLES + seq * stride_bt + i)
             valid = (i * BLOCK_SIZE + t) < context
             tile = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt + d[None, :]
             tile_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(K_POOL + tile, mask=tile_mask, other=0.0).to(tl.float32)
-            scores = tl.sum(k * q[None, :], axis=1)  # (BLOCK_SIZE,)
+            # Both tiles requested before any arithmetic: two loads in flight instead of one.
+            k = tl.load(K_POOL + tile, mask=tile_mask, other=0.0)
+            v = tl.load(V_POOL + tile, mask=tile_mask, other=0.0)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_SIZE,)
             scores = tl.where(valid, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new)
-            v = tl.load(V_POOL + tile, mask=tile_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l = l * alpha + tl.sum(p, axis=0)
             m = m_new
         tl.store(ACC + seq * stride_acc_b + head * stride_acc_h + split * stride_acc_s + d, acc, mask=d_mask)
@@ -129,14 +167,42 @@ def write_kv(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot
     )
 
 
-def decode_splits(num_seqs: int, num_heads: int, num_sms: int) -> int:
-    """Enough context splits that (sequences x heads x splits) fills the GPU about twice over."""
-    return max(1, min(16, math.ceil(2 * num_sms / max(1, num_seqs * num_heads))))
+# Tuning of the decode kernel (swept on an H100 by benchmarks/gpu_kernel_check.py): many splits at
+# batch 1, and 2 warps once the batch alone fills the GPU.
+DECODE_PROGRAMS_PER_SM = 8
+DECODE_MAX_SPLITS = 64
+DECODE_NUM_WARPS = None  # 4 with several splits, 2 without
+DECODE_NUM_STAGES = 2
+
+
+def decode_splits(num_seqs: int, num_heads: int, num_sms: int, programs_per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
+    """Enough context splits that (sequences x heads x splits) gives every SM several programs."""
+    return max(1, min(DECODE_MAX_SPLITS, math.ceil(programs_per_sm * num_sms / max(1, num_seqs * num_heads))))
+
+
+def rope_and_write_kv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                       slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Rotates the q and k heads of a fused (N, (H + 2*H_kv) * D) qkv buffer in place (cos/sin (N, D))
+    and copies each token's k and v heads to its slot (-1 = skip), in one launch on CUDA."""
+    if not _use_triton(qkv):
+        from .fused import rope_qk_
+
+        rope_qk_(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+        write_kv(qkv, k_pool, v_pool, slot_mapping, num_heads, num_kv_heads, head_dim)
+        return
+    assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
+    half = head_dim // 2
+    _rope_write_kv_kernel[(qkv.shape[0], num_heads + 2 * num_kv_heads)](
+        qkv, cos, sin, k_pool, v_pool, slot_mapping, qkv.stride(0), cos.stride(0),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+        BLOCK_SIZE=k_pool.shape[2], HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(half),
+    )
 
 
 def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, num_heads: int, head_dim: int, num_splits: int,
-                           scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                           num_warps: int | None = DECODE_NUM_WARPS, num_stages: int = DECODE_NUM_STAGES) -> torch.Tensor:
     """One query per sequence (rows of qkv) over its cached context -> (B, H * D).
 
     The query's own key/value must already be in the pool (write_kv first). `scratch` lets a
@@ -153,6 +219,8 @@ def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
             torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=qkv.device),
         )
     acc, m, l = scratch
+    if num_warps is None:
+        num_warps = 4 if num_splits > 1 else 2
     out = torch.empty((num_seqs, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(num_seqs, num_heads, num_splits)](
@@ -160,7 +228,7 @@ def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         qkv.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         1.0 / math.sqrt(head_dim), NUM_SPLITS=num_splits, KV_GROUP=num_heads // num_kv_heads,
-        BLOCK_SIZE=k_pool.shape[2], HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+        BLOCK_SIZE=k_pool.shape[2], HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_STAGES=num_stages, num_warps=num_warps,
     )
     _decode_combine_kernel[(num_seqs, num_heads)](
         acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..kernels.fused import add_rms_norm, rms_norm, silu_mul
+from ..kernels.gemv import linear
 from .rope import LongRopeEmbedding, apply_rotary
 
 
@@ -118,11 +119,11 @@ class Phi3Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         batch, num_new, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = self.qkv_proj(x)  # (B, T, (H + 2*H_kv) * D)
+        qkv = linear(x, self.qkv_proj.weight)  # (B, T, (H + 2*H_kv) * D)
         if getattr(cache, "paged", False):
             # The engine's paged pool: fused rotary, cache write and paged attention kernels.
             out = cache.attend_qkv(self.layer_idx, qkv, inputs.cos, inputs.sin, self.num_heads, self.num_kv_heads, self.head_dim)
-            return self.o_proj(out)
+            return linear(out, self.o_proj.weight)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
@@ -137,7 +138,7 @@ class Phi3Attention(nn.Module):
             v = v.repeat_interleave(repeats, dim=1)
         out = attention(q, k, v, inputs.mask, inputs.is_causal)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, num_new, q_size)  # (B, T, H*D)
-        return self.o_proj(out)
+        return linear(out, self.o_proj.weight)
 
 
 class Phi3MLP(nn.Module):
@@ -148,7 +149,8 @@ class Phi3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # up * silu(gate), gate first
+        # up * silu(gate), gate first; `linear` is nn.Linear's product with a batch-1 kernel on CUDA.
+        return linear(silu_mul(linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
 
 
 class Phi3DecoderLayer(nn.Module):
@@ -159,11 +161,24 @@ class Phi3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Phi3MLP(config)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), inputs, cache)
-        # h = x + attn and its norm in one pass (the same rounding as the two separate steps).
-        normed, h = add_rms_norm(attn, x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        return h + self.mlp(normed)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, inputs: AttentionInputs, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (mlp output, residual): the layer's input is x + residual.
+
+        Carrying the residual lets each add run fused with the norm that follows it (this layer's
+        two, the next layer's first); the sums and their rounding are the reference's
+        h = x + attn(norm(x)); out = h + mlp(norm(h)).
+        """
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual = x
+            normed = rms_norm(x, norm1.weight, norm1.eps)
+        else:
+            normed, residual = add_rms_norm(x, residual, norm1.weight, norm1.eps)
+        attn = self.self_attn(normed, inputs, cache)
+        normed, residual = add_rms_norm(attn, residual, norm2.weight, norm2.eps)
+        return self.mlp(normed), residual
 
 
 class Phi3Decoder(nn.Module):
@@ -196,7 +211,8 @@ class Phi3Decoder(nn.Module):
                 device=inputs_embeds.device,
             )
         inputs = AttentionInputs(cos=cos, sin=sin, mask=mask, is_causal=is_causal)
-        h = inputs_embeds
+        x, residual = inputs_embeds, None
         for layer in self.layers:
-            h = layer(h, inputs, cache)
-        return self.norm(h)
+            x, residual = layer(x, residual, inputs, cache)
+        normed, _ = add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        return normed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.gemv import linear
 from ..config import ModelConfig
 from ..errors import PromptError
 from .language import KVCache, Phi3Decoder
@@ -153,7 +154,7 @@ class Phi3VForCausalLM(nn.Module):
             cache.advance(num_new)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head.weight).float()
 
 
 def placeholder_index(input_ids: torch.Tensor, num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,238 @@
+"""The batched engine: requests in, one token per request per step out.
+
+    engine = Engine(model, processor, EngineConfig(max_num_seqs=64))
+    rid = engine.add_prompt("<|user|>\\n<|image_1|>\\nDescribe.<|end|>\\n<|assistant|>\\n", [png_bytes], params)
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+The scheduler (integers) decides what runs; the runner (tensors) runs it on the paged KV pool with
+CUDA graphs for decode steps; this module glues them, samples, and keeps each request's image
+features until it finishes (a preempted or LongRoPE-re-prefilled request needs them again).
+Batch 1 is the smallest batch of the same path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Sequence as Ids
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import PromptError
+from ..processing.image import num_image_tokens_for_size
+from ..processing.loading import load_image
+from ..processing.prompt import Processor, tokenize_prompt
+from .block_manager import BlockManager
+from .generate import default_stop_token_ids
+from .image_cache import ImageFeatureCache, encode_images
+from .kv_cache import PagedKVCache
+from .runner import ModelRunner, RunnerConfig
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime limits (the architecture lives in ModelConfig)."""
+
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # default: the model's context, capped at 32768
+    block_size: int = 64
+    kv_cache_tokens: int | None = None  # KV pool size in tokens; default: gpu_memory_utilization
+    gpu_memory_utilization: float = 0.85  # of the GPU's memory, weights included (CUDA only)
+    max_num_batched_tokens: int = 8192
+    prefill_chunk_size: int = 8192
+    enable_prefix_caching: bool = True
+    use_cuda_graphs: bool = True
+    image_cache_entries: int = 64
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    token_id: int | None  # None when the request ended without a new token (aborted)
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    error: str | None = None
+
+
+@dataclass
+class RequestState:
+    seq: Sequence
+    params: SamplingParams
+    image_features: list[torch.Tensor] | None
+    generator: torch.Generator | None
+    num_image_tokens: int = 0
+    num_crops_run: int = 0
+    arrival_s: float = field(default_factory=time.perf_counter)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.seq.num_prompt_tokens
+
+
+def _pool_tokens(model: torch.nn.Module, config: EngineConfig, max_model_len: int) -> int:
+    if config.kv_cache_tokens is not None:
+        return config.kv_cache_tokens
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return max_model_len * min(config.max_num_seqs, 4)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total * config.gpu_memory_utilization - (total - free) - 2 * 2**30  # 2 GiB for activations and graphs
+    per_token = PagedKVCache.bytes_per_block(model.config, 1, next(model.parameters()).dtype)
+    return max(max_model_len, int(budget // per_token))
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, processor: Processor, config: EngineConfig = EngineConfig()):
+        start = time.perf_counter()
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.config = config
+        text = model.config.text
+        max_model_len = min(config.max_model_len or min(text.max_position_embeddings, 32768), text.max_position_embeddings)
+        self.max_model_len = max_model_len
+        num_blocks = math.ceil(_pool_tokens(model, config, max_model_len) / config.block_size) + 1  # + reserved block 0
+        self.runner = ModelRunner(model, RunnerConfig(num_blocks=num_blocks, block_size=config.block_size,
+                                                      max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
+                                                      use_cuda_graphs=config.use_cuda_graphs))
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                            max_num_batched_tokens=config.max_num_batched_tokens,
+                            prefill_chunk_size=config.prefill_chunk_size, max_model_len=max_model_len,
+                            original_max_position_embeddings=text.original_max_position_embeddings,
+                            default_stop_token_ids=default_stop_token_ids(self.tokenizer)),
+            self.block_manager,
+        )
+        self.image_cache = ImageFeatureCache(config.image_cache_entries)
+        self._requests: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self.num_generated_tokens = 0
+        self.setup_s = time.perf_counter() - start
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, prompt_ids: Ids[int], params: SamplingParams, *, image_features: list[torch.Tensor] | None = None,
+                    image_keys: Ids[str] = (), request_id: str | None = None) -> str:
+        """Queues tokenised prompt ids (-N = image N's placeholders) with their image features."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise PromptError(f"request id {request_id!r} is already in use")
+        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
+            raise PromptError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is over the "
+                f"engine's limit of {self.max_model_len} tokens"
+            )
+        seq = Sequence(seq_id=next(self._ids), request_id=request_id, token_ids=list(prompt_ids), params=params,
+                       image_key=tuple(image_keys))
+        device = self.runner.device
+        self._requests[request_id] = RequestState(seq, params, image_features, make_generator(params.seed, device),
+                                                  num_image_tokens=sum(1 for t in prompt_ids if t < 0))
+        try:
+            self.scheduler.add(seq)
+        except PromptError:
+            del self._requests[request_id]
+            raise
+        return request_id
+
+    def add_prompt(self, prompt: str, images: Ids[Any], params: SamplingParams, *, num_crops: int | None = None,
+                   use_image_cache: bool = True, request_id: str | None = None) -> str:
+        """Tokenises `prompt`, preprocesses its images and runs the vision tower (for images not cached)."""
+        crops = num_crops if num_crops is not None else self.processor.num_crops
+        loaded = [load_image(image, allow_urls=self.processor.allow_urls) for image in images]
+        num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in loaded]
+        ids = tokenize_prompt(self.tokenizer, prompt, num_tokens)
+        if len(ids) + params.max_new_tokens > self.max_model_len:
+            raise PromptError(
+                f"the prompt ({len(ids)} tokens, images included) plus max_new_tokens ({params.max_new_tokens}) is over "
+                f"the engine's limit of {self.max_model_len} tokens"
+            )
+        features, keys, crops_run = encode_images(self.model, loaded, crops, self.image_cache if use_image_cache else None)
+        request_id = self.add_request(ids, params, image_features=features or None, image_keys=keys, request_id=request_id)
+        self._requests[request_id].num_crops_run = crops_run
+        return request_id
+
+    def request_info(self, request_id: str) -> RequestState:
+        return self._requests[request_id]
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request at once and frees its KV blocks; False if it was not running."""
+        found = self.scheduler.abort(request_id)
+        self._requests.pop(request_id, None)
+        return found
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ stepping
+
+    def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> list[int]:
+        """One token per row of logits (B, V), each with its request's parameters."""
+        if all(s.params.greedy for s in states):
+            return logits.argmax(dim=-1).tolist()
+        tokens = []
+        for row, state in enumerate(states):
+            tokens.append(int(sample(logits[row : row + 1], state.params, state.generator)[0]))
+        return tokens
+
+    def step(self) -> list[StepOutput]:
+        """Runs one scheduled step; returns the new token of every request that got one."""
+        batch = self.scheduler.schedule()
+        outputs = [StepOutput(s.request_id, None, True, "abort", s.error) for s in batch.aborted]
+        for seq in batch.aborted:
+            self._requests.pop(seq.request_id, None)
+        if batch.is_empty:
+            return outputs
+        states = [self._requests[seq.request_id] for seq in batch.seqs]
+        if batch.kind == "prefill":
+            sampled_rows, sampled_states, tokens = [], [], [None] * len(batch.seqs)
+            for row, (seq, state, (start, end), last) in enumerate(zip(batch.seqs, states, batch.chunks, batch.is_last_chunk)):
+                logits = self.runner.prefill(seq.token_ids[start:end], start, seq.block_table, state.image_features,
+                                             bool(seq.long_rope))
+                if last:
+                    sampled_rows.append(logits)
+                    sampled_states.append(state)
+            if sampled_rows:
+                new = iter(self._sample(torch.stack(sampled_rows), sampled_states))
+                tokens = [next(new) if last else None for last in batch.is_last_chunk]
+        else:
+            logits = self.runner.decode([s.last_token for s in batch.seqs], [s.num_tokens for s in batch.seqs],
+                                        [s.block_table for s in batch.seqs])
+            tokens = self._sample(logits, states)
+        finished = {id(s) for s in self.scheduler.postprocess(batch.seqs, tokens)}
+        for seq, token in zip(batch.seqs, tokens):
+            if token is None:
+                continue
+            self.num_generated_tokens += 1
+            done = id(seq) in finished
+            outputs.append(StepOutput(seq.request_id, token, done, seq.finish_reason if done else None))
+            if done:
+                self._requests.pop(seq.request_id, None)
+        return outputs
+
+    def generate(self, prompts: Ids[tuple[str, Ids[Any]]], params: SamplingParams, *, num_crops: int | None = None) -> list[list[int]]:
+        """Convenience: runs (prompt, images) pairs to completion; the new token ids of each."""
+        ids = [self.add_prompt(prompt, images, params, num_crops=num_crops) for prompt, images in prompts]
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.token_id is not None and out.request_id in tokens:
+                    tokens[out.request_id].append(out.token_id)
+        return [tokens[rid] for rid in ids]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "waiting": self.scheduler.num_waiting,
+            "running": self.scheduler.num_running,
+            "kv_blocks_total": self.block_manager.num_usable_blocks,
+            "kv_blocks_free": self.block_manager.num_free_blocks,
+            "kv_usage": self.block_manager.usage,
+            "generated_tokens": self.num_generated_tokens,
+        }

@@ -1,0 +1,75 @@
+"""Projected image features cached by image content, so a returning image skips the vision tower."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from ..processing.image import CROP_SIZE, preprocess_images
+
+
+def image_key(image: Image.Image, num_crops: int) -> str:
+    """A content hash of the pixels (and mode and size) plus the crop count that shaped the features."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{image.mode}:{image.width}x{image.height}:{num_crops}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class ImageFeatureCache:
+    """Least recently used entries go first once `max_entries` is reached."""
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        features = self._entries.get(key)
+        if features is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return features
+
+    def put(self, key: str, features: torch.Tensor) -> None:
+        self.misses += 1
+        self._entries[key] = features
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def encode_images(
+    model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None
+) -> tuple[list[torch.Tensor], list[str], int]:
+    """Features per image (running the tower once per distinct image not in `cache`), their keys,
+    and how many crops went through the tower."""
+    keys = [image_key(image, num_crops) for image in images]
+    found: dict[str, torch.Tensor | None] = {key: (cache.get(key) if cache is not None else None) for key in dict.fromkeys(keys)}
+    missing = [key for key, value in found.items() if value is None]
+    num_crops_run = 0
+    if missing:
+        first_image = {key: image for key, image in zip(reversed(keys), reversed(images))}
+        batch = preprocess_images([first_image[key] for key in missing], num_crops)
+        param = next(model.parameters())
+        sizes = batch.image_sizes.tolist()
+        num_crops_run = sum((h // CROP_SIZE) * (w // CROP_SIZE) + 1 for h, w in sizes)  # tiles + global view
+        with torch.inference_mode():
+            encoded = model.encode_images(batch.pixel_values.to(param.device, param.dtype, non_blocking=True),
+                                          batch.image_sizes.to(param.device))
+        for key, features in zip(missing, encoded):
+            if cache is not None:
+                cache.put(key, features)
+            found[key] = features
+    return [found[key] for key in keys], keys, num_crops_run

@@ -1,0 +1,102 @@
+"""The batched paged engine reproduces the reference's greedy tokens, alone and together.
+
+On the CPU the engine runs the same scheduler, block manager and runner as on CUDA (the kernels
+fall back to their PyTorch references), so these tests check the bookkeeping end to end:
+chunked prefill across image runs, prefix caching, preemption, the LongRoPE re-prefill, abort.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phivision.errors import PromptError
+from phivision.generation.engine import Engine, EngineConfig
+from phivision.generation.sampling import SamplingParams
+from phivision.processing.prompt import Processor
+from phivision.weights import load_model
+
+GREEDY_24 = SamplingParams(max_new_tokens=24, stop_token_ids=(32000,))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_model(str(tiny_checkpoint), dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    return Processor.from_pretrained(str(tiny_checkpoint))
+
+
+def _engine(model, processor, **overrides):
+    settings = dict(max_num_seqs=8, block_size=16, kv_cache_tokens=8192, max_num_batched_tokens=1024, prefill_chunk_size=512)
+    return Engine(model, processor, EngineConfig(**{**settings, **overrides}))
+
+
+def _run(engine, cases, processor_golden, params=GREEDY_24):
+    ids = [engine.add_prompt(c["prompt"], [str(processor_golden / p) for p in c["images"]], params, num_crops=c["num_crops"])
+           for c in cases]
+    tokens = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens[out.request_id].append(out.token_id)
+    return [tokens[rid] for rid in ids]
+
+
+def test_all_golden_cases_batched_with_chunked_prefill(model, processor, tiny_manifest, processor_golden):
+    engine = _engine(model, processor)
+    results = _run(engine, tiny_manifest["cases"], processor_golden)
+    for case, tokens in zip(tiny_manifest["cases"], results):
+        assert tokens == case["expected"]["greedy_new_tokens"], case["id"]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_each_golden_case_alone(model, processor, tiny_manifest, processor_golden):
+    engine = _engine(model, processor, max_num_seqs=1)
+    for case in tiny_manifest["cases"]:
+        assert _run(engine, [case], processor_golden)[0] == case["expected"]["greedy_new_tokens"], case["id"]
+
+
+def test_small_pool_preempts_and_still_matches(model, processor, tiny_manifest, processor_golden):
+    cases = [c for c in tiny_manifest["cases"] if c["id"] in ("text_only", "long_text_over_64", "multi_turn_nc1",
+                                                              "text_crossing_64_during_generation")]
+    # Room for about one and a half of these sequences at a time: decodes must preempt others.
+    engine = _engine(model, processor, kv_cache_tokens=16 * 28, max_num_seqs=4)
+    results = _run(engine, cases, processor_golden)
+    for case, tokens in zip(cases, results):
+        assert tokens == case["expected"]["greedy_new_tokens"], case["id"]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_repeated_prompt_hits_the_prefix_cache(model, processor, tiny_manifest, processor_golden, monkeypatch):
+    case = next(c for c in tiny_manifest["cases"] if c["id"] == "one_image_nc4")
+    engine = _engine(model, processor)
+    first = _run(engine, [case], processor_golden)[0]
+    starts = []
+    prefill = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda ids, start, *a: starts.append(start) or prefill(ids, start, *a))
+    second = _run(engine, [case], processor_golden)[0]
+    assert first == second == case["expected"]["greedy_new_tokens"]
+    # Only the last partial block of the 769-token prompt was computed again; the image came from the cache.
+    assert starts == [768 // 16 * 16]
+    assert engine.image_cache.hits == 1
+
+
+def test_abort_frees_blocks_at_once(model, processor):
+    engine = _engine(model, processor)
+    rid = engine.add_prompt("<|user|>\nTell me a long story.<|end|>\n<|assistant|>\n", [], SamplingParams(max_new_tokens=200))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_usable_blocks
+    assert engine.abort(rid)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    assert not engine.has_unfinished()
+
+
+def test_over_the_limit_is_refused_before_work(model, processor):
+    engine = _engine(model, processor, max_model_len=64)
+    with pytest.raises(PromptError, match="max_new_tokens"):
+        engine.add_prompt("<|user|>\nHi<|end|>\n<|assistant|>\n", [], SamplingParams(max_new_tokens=100))
+    assert not engine.has_unfinished()
