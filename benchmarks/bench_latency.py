@@ -105,27 +105,43 @@ def floors(model, prompt_tokens: int, new_tokens: int, num_crops_run: int, ceili
 # ------------------------------------------------------------------ ours
 
 
+def w3_ids(processor: Processor) -> list[int]:
+    """One user turn of 8192 random text tokens, in the chat format."""
+    rng = np.random.default_rng(3)
+    body = rng.integers(1000, 29000, size=WORKLOADS["W3"]["text_tokens"]).tolist()
+    user, end, assistant = (processor.tokenizer.token_to_id(t) for t in ("<|user|>", "<|end|>", "<|assistant|>"))
+    return [processor.tokenizer.bos_token_id, user, *body, end, assistant]
+
+
 def workload_inputs(name: str, processor: Processor):
     spec = WORKLOADS[name]
-    if name == "W3":
-        rng = np.random.default_rng(3)
-        ids = rng.integers(1000, 29000, size=spec["text_tokens"]).tolist()
-        body = processor.tokenizer.decode(ids)
-        return f"<|user|>\n{body}<|end|>\n<|assistant|>\n", []
     images = [make_png(w, h, seed) for seed, (w, h) in enumerate(spec["images"])]
     tags = "".join(f"<|image_{i + 1}|>\n" for i in range(len(images)))
     return f"<|user|>\n{tags}{spec['text']}<|end|>\n<|assistant|>\n", images
 
 
-def run_ours(engine: Engine, processor: Processor, name: str) -> dict:
+def run_ours(model, processor: Processor, name: str) -> dict:
+    """A fresh engine sized for the workload (the KV pool holds exactly its tokens), three runs."""
     spec = WORKLOADS[name]
-    prompt, images = workload_inputs(name, processor)
     params = SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True)
+    if name == "W3":
+        prompt_len = len(w3_ids(processor))
+    else:
+        prompt, images = workload_inputs(name, processor)
+        probe = Processor(processor.tokenizer, num_crops=spec["num_crops"])(prompt, images)
+        prompt_len = probe["input_ids"].shape[1]
+    needed = prompt_len + spec["new_tokens"] + 64
+    torch.cuda.empty_cache()
+    engine = Engine(model, processor, EngineConfig(max_num_seqs=1, max_model_len=needed, kv_cache_tokens=needed,
+                                                   enable_prefix_caching=False))
     results = []
     for _ in range(3):  # first run warms up; the median of the others is reported
         torch.cuda.reset_peak_memory_stats()
         t0 = sync_time()
-        request_id = engine.add_prompt(prompt, images, params, num_crops=spec["num_crops"], use_image_cache=False)
+        if name == "W3":
+            request_id = engine.add_request(w3_ids(processor), params)
+        else:
+            request_id = engine.add_prompt(prompt, images, params, num_crops=spec["num_crops"], use_image_cache=False)
         info = engine.request_info(request_id)
         first = None
         count = 0
@@ -146,7 +162,10 @@ def run_ours(engine: Engine, processor: Processor, name: str) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         })
     timed = results[1:]
-    return {key: statistics.median(r[key] for r in timed) for key in timed[0]} | {"runs": results}
+    out = {key: statistics.median(r[key] for r in timed) for key in timed[0]} | {"runs": results, "engine_setup_s": engine.setup_s}
+    del engine
+    torch.cuda.empty_cache()
+    return out
 
 
 # ------------------------------------------------------------------ baseline
@@ -158,16 +177,22 @@ def run_baseline(config: dict, processor: Processor, names: list[str]) -> dict:
     from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3ForCausalLM
 
     rope = config["rope_scaling"]
-    phi_cfg = Phi3Config(
+    common = dict(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
         num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
         num_key_value_heads=config["num_key_value_heads"], max_position_embeddings=config["max_position_embeddings"],
         original_max_position_embeddings=config["original_max_position_embeddings"], rms_norm_eps=config["rms_norm_eps"],
-        rope_scaling={"type": "longrope", "rope_type": "longrope", "long_factor": rope["long_factor"], "short_factor": rope["short_factor"]},
-        pad_token_id=32000, bos_token_id=1, eos_token_id=32000, attn_implementation="sdpa",
+        pad_token_id=32000, bos_token_id=1, eos_token_id=32000,
     )
+    longrope = {"rope_type": "longrope", "long_factor": rope["long_factor"], "short_factor": rope["short_factor"]}
+    try:  # transformers 5 names it rope_parameters, 4.x rope_scaling
+        phi_cfg = Phi3Config(**common, rope_parameters={**longrope, "rope_theta": config["rope_theta"]})
+    except TypeError:
+        phi_cfg = Phi3Config(**common, rope_scaling={**longrope, "type": "longrope"})
+    phi_cfg._attn_implementation = "sdpa"
     clip_cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                image_size=336, patch_size=14, projection_dim=768, attn_implementation="sdpa")
+                                image_size=336, patch_size=14, projection_dim=768)
+    clip_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
         lm = Phi3ForCausalLM(phi_cfg).to(torch.bfloat16).eval()
@@ -176,15 +201,18 @@ def run_baseline(config: dict, processor: Processor, names: list[str]) -> dict:
     out = {"transformers": transformers.__version__}
     for name in names:
         spec = WORKLOADS[name]
-        prompt, images = workload_inputs(name, processor)
+        prompt, images = workload_inputs(name, processor) if name != "W3" else ("", [])
         proc = Processor(processor.tokenizer, num_crops=spec["num_crops"])
         runs = []
-        for _ in range(2):
+        for new_tokens in (2, spec["new_tokens"]):  # a short warm-up, then the timed run
             torch.cuda.reset_peak_memory_stats()
             with torch.inference_mode():
                 t0 = sync_time()
-                inputs = proc(prompt, images or None)
-                ids = inputs["input_ids"].cuda()
+                if name == "W3":
+                    ids = torch.tensor([w3_ids(processor)], device="cuda")
+                else:
+                    inputs = proc(prompt, images or None)
+                    ids = inputs["input_ids"].cuda()
                 embeds = lm.get_input_embeddings()(ids.clamp(min=0))
                 if images:
                     pv = inputs["pixel_values"].cuda().to(torch.bfloat16)
@@ -198,17 +226,18 @@ def run_baseline(config: dict, processor: Processor, names: list[str]) -> dict:
                 t_vision = sync_time()
                 lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=1, do_sample=False)
                 t1 = sync_time()
-                lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=spec["new_tokens"],
-                            min_new_tokens=spec["new_tokens"], do_sample=False)
+                lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False)
                 t2 = sync_time()
             # TTFT: preprocessing + vision + prefill + first token. The full call repeats the prefill:
             # its decode time is the call less one prefill.
             prefill = t1 - t_vision
             decode_time = (t2 - t1) - prefill
             runs.append({"prompt_tokens": ids.shape[1], "ttft_ms": (t1 - t0) * 1e3,
-                         "decode_tok_s": (spec["new_tokens"] - 1) / decode_time, "e2e_s": (t_vision - t0) + (t2 - t1),
+                         "decode_tok_s": (new_tokens - 1) / decode_time, "e2e_s": (t_vision - t0) + (t2 - t1),
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
         out[name] = runs[-1]
+        print(f"baseline {name}: {json.dumps(runs[-1])}", flush=True)
     del lm, clip
     torch.cuda.empty_cache()
     return out
@@ -234,18 +263,23 @@ def main() -> None:
         model = load_model(str(ckpt), device="cuda", dtype=torch.bfloat16, progress=False)
         report["load_s"] = time.perf_counter() - t0
         processor = Processor.from_pretrained(str(ckpt), num_crops=4)
-        engine = Engine(model, processor, EngineConfig(max_num_seqs=1, max_model_len=8192 + 64 + 64, kv_cache_tokens=8448))
-        report["engine_setup_s"] = engine.setup_s
         floors_out = {}
         for name in names:
-            report[name] = run_ours(engine, processor, name)
+            report[name] = run_ours(model, processor, name)
+            print(f"ours {name}: " + json.dumps({k: v for k, v in report[name].items() if k != "runs"}, default=float), flush=True)
             floors_out[name] = floors(model, int(report[name]["prompt_tokens"]), WORKLOADS[name]["new_tokens"],
                                       int(report[name]["crops_run"]), report["ceilings"])
         report["floors"] = floors_out
-        del engine, model
+        del model
         torch.cuda.empty_cache()
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1, default=float))
         if not args.skip_baseline:
-            report["baseline"] = run_baseline(config, processor, names)
+            try:
+                report["baseline"] = run_baseline(config, processor, names)
+            except Exception as exc:  # the baseline's failure must not lose our figures
+                report["baseline_error"] = repr(exc)
+                print(f"baseline failed: {exc!r}", flush=True)
 
     text = json.dumps(report, indent=1, default=float)
     if args.out:
