@@ -14,6 +14,7 @@ Batch 1 is the smallest batch of the same path.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 import math
 import time
 from collections.abc import Sequence as Ids
@@ -69,6 +70,7 @@ class RequestState:
     generator: torch.Generator | None
     num_image_tokens: int = 0
     num_crops_run: int = 0
+    prepare_s: float = 0.0  # add_prompt's own time: image decoding, preprocessing, vision tower
     arrival_s: float = field(default_factory=time.perf_counter)
 
     @property
@@ -145,8 +147,11 @@ class Engine:
     def add_prompt(self, prompt: str, images: Ids[Any], params: SamplingParams, *, num_crops: int | None = None,
                    use_image_cache: bool = True, request_id: str | None = None) -> str:
         """Tokenises `prompt`, preprocesses its images and runs the vision tower (for images not cached)."""
+        started = time.perf_counter()
         crops = num_crops if num_crops is not None else self.processor.num_crops
-        loaded = [load_image(image, allow_urls=self.processor.allow_urls) for image in images]
+        # Decoding runs side by side (PIL releases the GIL while it decodes).
+        with ThreadPoolExecutor(max(1, min(len(images), 8))) as pool:
+            loaded = list(pool.map(lambda image: load_image(image, allow_urls=self.processor.allow_urls), images))
         num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in loaded]
         ids = tokenize_prompt(self.tokenizer, prompt, num_tokens)
         if len(ids) + params.max_new_tokens > self.max_model_len:
@@ -156,7 +161,9 @@ class Engine:
             )
         features, keys, crops_run = encode_images(self.model, loaded, crops, self.image_cache if use_image_cache else None)
         request_id = self.add_request(ids, params, image_features=features or None, image_keys=keys, request_id=request_id)
-        self._requests[request_id].num_crops_run = crops_run
+        state = self._requests[request_id]
+        state.num_crops_run = crops_run
+        state.prepare_s = time.perf_counter() - started
         return request_id
 
     def request_info(self, request_id: str) -> RequestState:

@@ -61,8 +61,8 @@ def encode_images(
     num_crops_run = 0
     if missing:
         first_image = {key: image for key, image in zip(reversed(keys), reversed(images))}
-        batch = preprocess_images([first_image[key] for key in missing], num_crops)
         param = next(model.parameters())
+        batch = preprocess_images([first_image[key] for key in missing], num_crops, device=param.device)
         sizes = batch.image_sizes.tolist()
         num_crops_run = sum((h // CROP_SIZE) * (w // CROP_SIZE) + 1 for h, w in sizes)  # tiles + global view
         with torch.inference_mode():

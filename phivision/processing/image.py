@@ -289,8 +289,8 @@ def hd_transform(image: Image.Image, num_crops: int) -> np.ndarray:
 def _normalise_(values: torch.Tensor) -> torch.Tensor:
     """In place on float32 (3, ...) holding 0..255: (x / 255 - mean) / std, the reference's float32 ops in its order."""
     shape = (3,) + (1,) * (values.dim() - 1)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(shape)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(shape)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=values.device).view(shape)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=values.device).view(shape)
     return values.div_(255).sub_(mean).div_(std)
 
 
@@ -340,14 +340,39 @@ def preprocess_image(image: Image.Image, num_crops: int) -> ProcessedImage:
     return ProcessedImage(pixel_values=out, image_size=size, num_tokens=num_image_tokens(*size), grid=grid)
 
 
-def preprocess_images(images: Sequence[Image.Image], num_crops: int) -> ImageBatch:
-    """Several images with one num_crops, written straight into one batch tensor (no stacking copy)."""
+def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: torch.device | str | None = None) -> ImageBatch:
+    """Several images with one num_crops, written straight into one batch tensor (no stacking copy).
+
+    With a (CUDA) `device`, only the resize stays on the CPU: the uint8 HD images go to the device
+    and the float work (normalisation, crops, the bicubic global view) runs there, with the same
+    float32 operations, so the CPU is not the bottleneck in front of the GPU.
+    """
     _check_num_crops(num_crops)
+    if device is not None and torch.device(device).type != "cpu":
+        return _preprocess_images_on(images, num_crops, torch.device(device))
     out = torch.empty((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32)
     sizes = []
     num_threads = _default_num_threads()
     for index, image in enumerate(images):
         size, _ = _preprocess_into(out[index], image, num_crops, num_threads)
         sizes.append(size)
+    image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(images), 2)
+    return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])
+
+
+def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device: torch.device) -> ImageBatch:
+    out = torch.zeros((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32, device=device)
+    # Resizes run side by side (PIL releases the GIL); each large one also splits itself into strips.
+    with ThreadPoolExecutor(max(1, min(len(images), _default_num_threads()))) as pool:
+        canvases = list(pool.map(lambda image: hd_transform(image, num_crops), images))
+    sizes = []
+    for index, canvas in enumerate(canvases):
+        hd = torch.from_numpy(canvas)  # (h, w, 3) uint8
+        if device.type == "cuda":
+            hd = hd.pin_memory()
+        hd = hd.to(device, non_blocking=True)
+        hd = _normalise_(hd.permute(2, 0, 1).float())[None]  # (1, 3, h, w) float32
+        _fill_pixel_values(out[index], hd)
+        sizes.append(tuple(canvas.shape[:2]))
     image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(images), 2)
     return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])

@@ -250,3 +250,17 @@ def test_preprocess_images_batches_the_single_results():
 def test_rejects_non_pil_input():
     with pytest.raises(TypeError, match="PIL image"):
         preprocess_image(np.zeros((10, 10, 3), dtype=np.uint8), 4)
+
+
+def test_device_path_equals_cpu_path():
+    """The path that sends uint8 HD images to the GPU does the same float32 work there; run on the CPU
+    here, it must give the CPU path's exact pixels."""
+    from phivision.processing.image import _preprocess_images_on
+
+    rng = np.random.default_rng(7)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 451), (720, 1280), (50, 40))]
+    expected = preprocess_images(images, 4)
+    got = _preprocess_images_on(images, 4, torch.device("cpu"))
+    assert torch.equal(got.pixel_values, expected.pixel_values)
+    assert torch.equal(got.image_sizes, expected.image_sizes)
+    assert got.num_image_tokens == expected.num_image_tokens
