@@ -224,7 +224,9 @@ def run_baseline(config: dict, processor: Processor, names: list[str]) -> dict:
                     merged = hidden.reshape(-1, 12, 2, 12, 2, 1024).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4096)
                     feats = projector(merged)
                     positions = (ids[0] < 0).nonzero().squeeze(1)
-                    embeds[0, positions] = feats[: positions.numel()]
+                    # The row separators (sub_GN/glb_GN) are not modelled here: repeat features to fill.
+                    feats = feats.repeat(-(-positions.numel() // feats.shape[0]), 1)[: positions.numel()]
+                    embeds[0, positions] = feats
                 mask = torch.ones(ids.shape, dtype=torch.long, device="cuda")
                 t_vision = sync_time()
                 lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=1, do_sample=False)
