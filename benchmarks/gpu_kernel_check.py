@@ -186,9 +186,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="correctness checks only, no sweeps or step timings")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["kernels"] = check_kernels()
+    if args.quick:
+        for row in report["kernels"]:
+            print(f"{row['check']:70} rel_err {row['rel_err']:.2e}")
+        return
     report["decode_kernel_sweep"] = bench_decode_kernel()
     report["linears"] = bench_linears()
     model = random_real_model(args.shared)

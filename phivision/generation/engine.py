@@ -70,7 +70,8 @@ class RequestState:
     generator: torch.Generator | None
     num_image_tokens: int = 0
     num_crops_run: int = 0
-    prepare_s: float = 0.0  # add_prompt's own time: image decoding, preprocessing, vision tower
+    load_s: float = 0.0  # add_prompt's image decoding
+    prepare_s: float = 0.0  # add_prompt's whole time: decoding, tokenising, preprocessing, vision tower
     arrival_s: float = field(default_factory=time.perf_counter)
 
     @property
@@ -152,6 +153,7 @@ class Engine:
         # Decoding runs side by side (PIL releases the GIL while it decodes).
         with ThreadPoolExecutor(max(1, min(len(images), 8))) as pool:
             loaded = list(pool.map(lambda image: load_image(image, allow_urls=self.processor.allow_urls), images))
+        loaded_at = time.perf_counter()
         num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in loaded]
         ids = tokenize_prompt(self.tokenizer, prompt, num_tokens)
         if len(ids) + params.max_new_tokens > self.max_model_len:
@@ -164,6 +166,7 @@ class Engine:
         state = self._requests[request_id]
         state.num_crops_run = crops_run
         state.prepare_s = time.perf_counter() - started
+        state.load_s = loaded_at - started
         return request_id
 
     def request_info(self, request_id: str) -> RequestState:

@@ -46,37 +46,41 @@ if triton_available():
     def _rope_write_kv_kernel(QKV, COS, SIN, K_POOL, V_POOL, SLOTS, stride_tok, stride_cs,
                               stride_kb, stride_kh, stride_kt, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              BLOCK_HALF: tl.constexpr):
-        # One program per (token, head) over the q, k and v heads: q and k are rotated in place
-        # (NeoX halves, each product rounded like the reference), k and v also go to their slot.
+                              BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+        # One program per (token, group of BLOCK_HEADS heads) over the q, k and v heads: q and k are
+        # rotated in place (NeoX halves, each product rounded like the reference); k and v also go to
+        # the token's slot. Heads run along the tile's first axis, the half-dimension along the second.
         tok = tl.program_id(0)
-        head = tl.program_id(1)
+        heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
         i = tl.arange(0, BLOCK_HALF)
-        mask = i < HALF
-        base = QKV + tok * stride_tok + head * HEAD_DIM
-        a = tl.load(base + i, mask=mask, other=0.0)
-        b = tl.load(base + HALF + i, mask=mask, other=0.0)
-        if head < NUM_HEADS + NUM_KV_HEADS:
-            cos_a = tl.load(COS + tok * stride_cs + i, mask=mask, other=0.0).to(tl.float32)
-            cos_b = tl.load(COS + tok * stride_cs + HALF + i, mask=mask, other=0.0).to(tl.float32)
-            sin_a = tl.load(SIN + tok * stride_cs + i, mask=mask, other=0.0).to(tl.float32)
-            sin_b = tl.load(SIN + tok * stride_cs + HALF + i, mask=mask, other=0.0).to(tl.float32)
-            af = a.to(tl.float32)
-            bf = b.to(tl.float32)
-            a_new = ((af * cos_a).to(a.dtype).to(tl.float32) + (-bf * sin_a).to(a.dtype).to(tl.float32)).to(a.dtype)
-            b_new = ((bf * cos_b).to(a.dtype).to(tl.float32) + (af * sin_b).to(a.dtype).to(tl.float32)).to(a.dtype)
-            tl.store(base + i, a_new, mask=mask)
-            tl.store(base + HALF + i, b_new, mask=mask)
-            a = a_new
-            b = b_new
-        if head >= NUM_HEADS:
-            slot = tl.load(SLOTS + tok)
-            if slot >= 0:
-                kv_head = (head - NUM_HEADS) % NUM_KV_HEADS
-                dst = (slot // BLOCK_SIZE) * stride_kb + kv_head * stride_kh + (slot % BLOCK_SIZE) * stride_kt
-                pool = K_POOL if head < NUM_HEADS + NUM_KV_HEADS else V_POOL
-                tl.store(pool + dst + i, a, mask=mask)
-                tl.store(pool + dst + HALF + i, b, mask=mask)
+        num_total = NUM_HEADS + 2 * NUM_KV_HEADS
+        mask = (heads < num_total)[:, None] & (i < HALF)[None, :]
+        base = QKV + tok * stride_tok + heads[:, None] * HEAD_DIM + i[None, :]
+        a = tl.load(base, mask=mask, other=0.0)
+        b = tl.load(base + HALF, mask=mask, other=0.0)
+        cos_a = tl.load(COS + tok * stride_cs + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        cos_b = tl.load(COS + tok * stride_cs + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        sin_a = tl.load(SIN + tok * stride_cs + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        sin_b = tl.load(SIN + tok * stride_cs + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        af = a.to(tl.float32)
+        bf = b.to(tl.float32)
+        a_rot = ((af * cos_a).to(a.dtype).to(tl.float32) + (-bf * sin_a).to(a.dtype).to(tl.float32)).to(a.dtype)
+        b_rot = ((bf * cos_b).to(a.dtype).to(tl.float32) + (af * sin_b).to(a.dtype).to(tl.float32)).to(a.dtype)
+        rotated = (heads < NUM_HEADS + NUM_KV_HEADS)[:, None]  # v heads are not rotated
+        a = tl.where(rotated, a_rot, a)
+        b = tl.where(rotated, b_rot, b)
+        tl.store(base, a, mask=mask & rotated)
+        tl.store(base + HALF, b, mask=mask & rotated)
+        slot = tl.load(SLOTS + tok)
+        if slot >= 0:
+            is_k = (heads >= NUM_HEADS) & (heads < NUM_HEADS + NUM_KV_HEADS)
+            is_v = heads >= NUM_HEADS + NUM_KV_HEADS
+            kv_head = tl.where(is_k, heads - NUM_HEADS, heads - NUM_HEADS - NUM_KV_HEADS)
+            dst = (slot // BLOCK_SIZE) * stride_kb + kv_head[:, None] * stride_kh + (slot % BLOCK_SIZE) * stride_kt + i[None, :]
+            tl.store(K_POOL + dst, a, mask=mask & is_k[:, None])
+            tl.store(K_POOL + dst + HALF, b, mask=mask & is_k[:, None])
+            tl.store(V_POOL + dst, a, mask=mask & is_v[:, None])
+            tl.store(V_POOL + dst + HALF, b, mask=mask & is_v[:, None])
 
     @triton.jit
     def _decode_split_kernel(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L,
@@ -192,10 +196,12 @@ def rope_and_write_kv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         return
     assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
     half = head_dim // 2
-    _rope_write_kv_kernel[(qkv.shape[0], num_heads + 2 * num_kv_heads)](
+    block_heads = 32  # 32 heads x 64 lanes per program: one program covers a third of a token's 96 heads
+    _rope_write_kv_kernel[(qkv.shape[0], triton.cdiv(num_heads + 2 * num_kv_heads, block_heads))](
         qkv, cos, sin, k_pool, v_pool, slot_mapping, qkv.stride(0), cos.stride(0),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         BLOCK_SIZE=k_pool.shape[2], HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HEADS=block_heads,
     )
 
 
