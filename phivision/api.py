@@ -6,29 +6,26 @@
         {"type": "image", "image": "photo.jpg"}, {"type": "text", "text": "Describe the image."}]}]).text)
 
 Image features are cached by image content, so an image that comes back (a later turn, the same
-photo in another request) does not run the vision tower again; a `Conversation` also keeps the KV
-cache of its last turn and reuses the unchanged prefix of the next prompt.
+photo in another request) does not run the vision tower again; the engine's prefix cache reuses
+the KV of a conversation's unchanged history.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from .errors import PromptError
-from .generation.generate import CachedPrefix, TokenGenerator, check_context, default_stop_token_ids
 from .generation.detokenize import IncrementalDecoder, StopStringFilter
+from .generation.engine import Engine, EngineConfig
 from .generation.sampling import SamplingParams
-from .processing.image import num_image_tokens_for_size, preprocess_images
-from .processing.loading import load_image
+from .processing.image import num_image_tokens_for_size
+from .processing.loading import load_image, read_image_size
 from .processing.prompt import Processor, tokenize_prompt
 from .weights import load_model
 
@@ -37,6 +34,7 @@ MODEL_ENV = "PHIVISION_MODEL"
 # The model card's advice: 16 crops for one image, 4 for several (frames, slides).
 SINGLE_IMAGE_CROPS = 16
 MULTI_IMAGE_CROPS = 4
+CPU_MAX_MODEL_LEN = 8192  # the CPU engine's default limit and KV pool, in tokens
 
 
 def default_device() -> str:
@@ -93,58 +91,25 @@ class ChatResult:
         }
 
 
-class ImageFeatureCache:
-    """Projected image features keyed by image content and num_crops; least recently used goes first."""
-
-    def __init__(self, max_entries: int = 64):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(image: Image.Image, num_crops: int) -> tuple[str, int]:
-        digest = hashlib.blake2b(digest_size=20)
-        digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
-        digest.update(image.tobytes())
-        return digest.hexdigest(), num_crops
-
-    def get(self, key: tuple[str, int]) -> torch.Tensor | None:
-        features = self._entries.get(key)
-        if features is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return features
-
-    def put(self, key: tuple[str, int], features: torch.Tensor) -> None:
-        self.misses += 1
-        self._entries[key] = features
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A rendered, tokenised prompt with its images' features ready."""
-
-    prompt: str
-    input_ids: torch.Tensor  # (1, T) int64, -g = image g
-    image_features: list[torch.Tensor]
-    num_image_tokens: list[int]
-
-
 class PhiVision:
-    """A loaded model with its processor: chat, stream and converse."""
+    """A loaded model with its processor and engine: chat, stream and converse.
 
-    def __init__(self, model: torch.nn.Module, processor: Processor, *, feature_cache_entries: int = 64):
+    Every request runs on the batched engine (paged KV cache, CUDA graphs on a GPU), the same path
+    as the server's; batch 1 is its smallest batch. Image features are cached by content and the
+    engine's prefix cache reuses the KV of a conversation's unchanged history.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor: Processor, *, engine_config: EngineConfig | None = None):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.image_cache = ImageFeatureCache(feature_cache_entries)
+        if engine_config is None:
+            engine_config = default_engine_config(model)
+        self.engine = Engine(model, processor, engine_config)
+
+    @property
+    def image_cache(self):
+        return self.engine.image_cache
 
     @property
     def device(self) -> torch.device:
@@ -152,107 +117,71 @@ class PhiVision:
 
     @property
     def context_length(self) -> int:
-        return self.model.config.text.max_position_embeddings
-
-    # -------------------------------------------------------------- preparing
-
-    def prepare(self, messages: Any, *, num_crops: int | None = None, max_new_tokens: int = 0) -> PreparedPrompt:
-        """Messages -> ids and image features; checks the context before running the vision tower."""
-        prompt, sources = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        images = [load_image(source, allow_urls=self.processor.allow_urls) for source in sources]
-        crops = num_crops if num_crops is not None else default_num_crops(len(images))
-        num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in images]
-        ids = tokenize_prompt(self.tokenizer, prompt, num_tokens)
-        check_context(self.model, len(ids), max(max_new_tokens, 0))
-        features = self.image_features(images, crops)
-        return PreparedPrompt(prompt, torch.tensor([ids], dtype=torch.long), features, num_tokens)
-
-    def image_features(self, images: Sequence[Image.Image], num_crops: int) -> list[torch.Tensor]:
-        """Projected features per image, running the vision tower only for images not seen before."""
-        keys = [ImageFeatureCache.key(image, num_crops) for image in images]
-        found = {key: self.image_cache.get(key) for key in dict.fromkeys(keys)}
-        missing = [key for key, value in found.items() if value is None]
-        if missing:
-            first_image = {key: image for key, image in zip(reversed(keys), reversed(images))}
-            batch = preprocess_images([first_image[key] for key in missing], num_crops)
-            dtype = next(self.model.parameters()).dtype
-            with torch.inference_mode():
-                encoded = self.model.encode_images(batch.pixel_values.to(self.device, dtype), batch.image_sizes.to(self.device))
-            for key, features in zip(missing, encoded):
-                self.image_cache.put(key, features)
-                found[key] = features
-        return [found[key] for key in keys]
+        return self.engine.max_model_len
 
     def count_tokens(self, messages: Any, *, num_crops: int | None = None) -> int:
         """The prompt's length in tokens, images included, without running the model."""
         prompt, sources = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        images = [load_image(source, allow_urls=self.processor.allow_urls) for source in sources]
-        crops = num_crops if num_crops is not None else default_num_crops(len(images))
-        return len(tokenize_prompt(self.tokenizer, prompt, [num_image_tokens_for_size(i.width, i.height, crops) for i in images]))
+        sizes = [read_image_size(source, allow_urls=self.processor.allow_urls) for source in sources]
+        crops = num_crops if num_crops is not None else default_num_crops(len(sizes))
+        return len(tokenize_prompt(self.tokenizer, prompt, [num_image_tokens_for_size(w, h, crops) for w, h in sizes]))
 
     # -------------------------------------------------------------- generating
 
-    def _params(self, sampling: dict[str, Any]) -> SamplingParams:
-        params = SamplingParams(**sampling)
-        if params.stop_token_ids is None:
-            params = SamplingParams(**{**sampling, "stop_token_ids": default_stop_token_ids(self.tokenizer)})
-        return params
-
-    def _generator(self, prepared: PreparedPrompt, params: SamplingParams, prefix: CachedPrefix | None) -> TokenGenerator:
-        return TokenGenerator(
-            self.model,
-            prepared.input_ids,
-            None,
-            params,
-            stop_token_ids=params.stop_token_ids or (),
-            pad_token_id=self.tokenizer.pad_token_id or 0,
-            image_features=prepared.image_features,
-            prefix=prefix,
-        )
-
-    def _run(
-        self, messages: Any, num_crops: int | None, sampling: dict[str, Any], prefix: CachedPrefix | None = None
-    ) -> Iterator[str | tuple[ChatResult, TokenGenerator]]:
-        """Text pieces as they come, then one final (result, generator) item."""
+    def _run(self, messages: Any, num_crops: int | None, sampling: dict[str, Any]) -> Iterator[str | ChatResult]:
+        """Text pieces as they come, then one final ChatResult."""
         start = time.perf_counter()
-        params = self._params(sampling)
-        prepared = self.prepare(messages, num_crops=num_crops, max_new_tokens=params.max_new_tokens)
-        gen = self._generator(prepared, params, prefix)
+        params = SamplingParams(**sampling)
+        prompt, sources = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        crops = num_crops if num_crops is not None else default_num_crops(len(sources))
+        engine = self.engine
+        request_id = engine.add_prompt(prompt, sources, params, num_crops=crops)
+        state = engine.request_info(request_id)
+        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else engine.scheduler.config.default_stop_token_ids)
         decoder, stopper = IncrementalDecoder(self.tokenizer), StopStringFilter(params.stop)
-        text, completion, ttft, finish = "", 0, None, "length"
-        for step in gen:
-            token = step[0]
-            if ttft is None:
-                ttft = time.perf_counter() - start
-            if token is None:
-                break
-            completion += 1
-            if token in gen.stop_token_ids:
-                finish = "stop"
-                break
-            piece = stopper.push(decoder.push(token))
-            if stopper.stopped:
-                finish = "stop"
-                gen.finish(0)
-            if piece:
-                text += piece
-                yield piece
+        text, completion, ttft, finish, done = "", 0, None, "length", False
+        try:
+            while not done:
+                for out in engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    if out.finish_reason == "abort":
+                        raise PromptError(out.error or "the request was aborted")
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                    done = out.finished
+                    if out.token_id is None:
+                        continue
+                    completion += 1
+                    if out.finished:
+                        finish = out.finish_reason or finish
+                    if out.token_id in stop_ids and not params.ignore_eos:
+                        continue
+                    piece = stopper.push(decoder.push(out.token_id))
+                    if stopper.stopped:
+                        finish, done = "stop", True
+                        engine.abort(request_id)  # frees its blocks at once
+                    if piece:
+                        text += piece
+                        yield piece
+        except BaseException:
+            engine.abort(request_id)  # Ctrl-C or an error mid-answer: nothing stays allocated
+            raise
         if not stopper.stopped:
             tail = stopper.push(decoder.flush()) + stopper.flush()
             if tail:
                 text += tail
                 yield tail
-        result = ChatResult(
+        yield ChatResult(
             text=text,
             finish_reason=finish,
-            prompt_tokens=prepared.input_ids.shape[1],
+            prompt_tokens=state.num_prompt_tokens,
             completion_tokens=completion,
-            image_tokens=sum(prepared.num_image_tokens),
-            cached_prompt_tokens=gen.num_reused_tokens,
+            image_tokens=state.num_image_tokens,
+            cached_prompt_tokens=state.cached_prompt_tokens or 0,
             ttft_s=ttft or 0.0,
             total_s=time.perf_counter() - start,
         )
-        yield result, gen
 
     def chat(self, messages: Any, *, num_crops: int | None = None, **sampling: Any) -> ChatResult:
         """One answer to OpenAI-style (or model-card-style) messages.
@@ -260,7 +189,7 @@ class PhiVision:
         Sampling options: max_new_tokens, temperature (0 = greedy), top_k, top_p, seed, stop,
         stop_token_ids (default `<|end|>` and `<|endoftext|>`).
         """
-        *_, (result, _gen) = self._run(messages, num_crops, sampling)
+        *_, result = self._run(messages, num_crops, sampling)
         return result
 
     def stream_chat(self, messages: Any, *, num_crops: int | None = None, **sampling: Any) -> Iterator[str]:
@@ -274,7 +203,8 @@ class PhiVision:
 
 
 class Conversation:
-    """A multi-turn chat that keeps its history, its images and the KV cache of its last turn."""
+    """A multi-turn chat that keeps its history and images; the engine's prefix cache keeps the KV
+    of the history, so each turn computes only what is new."""
 
     def __init__(self, engine: PhiVision, *, system: str | None = None, num_crops: int | None = None):
         self.engine = engine
@@ -283,7 +213,6 @@ class Conversation:
         if system:
             self.messages.append({"role": "system", "content": system})
         self._pending_images: list[Any] = []
-        self._prefix: CachedPrefix | None = None
         self._num_crops_used: int | None = None
 
     @property
@@ -314,12 +243,11 @@ class Conversation:
         messages = self.messages + [user]
         crops = self._crops(self.num_images + len(self._pending_images))
         result = None
-        for item in self.engine._run(messages, crops, sampling, prefix=self._prefix):
+        for item in self.engine._run(messages, crops, sampling):
             if isinstance(item, str):
                 yield item
             else:
-                result, gen = item
-                self._prefix = gen.cached_prefix()
+                result = item
         self._pending_images = []
         self.messages = messages + [{"role": "assistant", "content": result.text}]
         self.last_result = result
@@ -334,7 +262,6 @@ class Conversation:
         """Forget the history (the system message stays) and the cached prefix."""
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self._pending_images = []
-        self._prefix = None
         self._num_crops_used = None
 
 
@@ -345,6 +272,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     allow_urls: bool = False,
     progress: bool = True,
+    engine_config: EngineConfig | None = None,
 ) -> PhiVision:
     """Load a checkpoint (hub id or local folder; default $PHIVISION_MODEL or microsoft/Phi-3.5-vision-instruct)."""
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
@@ -352,7 +280,16 @@ def load(
     torch_dtype = parse_dtype(dtype) or default_dtype(device)
     processor = Processor.from_pretrained(model, allow_urls=allow_urls)
     network = load_model(model, device=device, dtype=torch_dtype, progress=progress)
-    return PhiVision(network, processor)
+    return PhiVision(network, processor, engine_config=engine_config)
 
 
-__all__ = ["ChatResult", "Conversation", "ImageFeatureCache", "PhiVision", "load", "DEFAULT_MODEL", "PromptError"]
+def default_engine_config(model: torch.nn.Module) -> EngineConfig:
+    """A few concurrent requests; on a GPU the KV pool takes what memory allows, on the CPU it holds
+    one long request (CPU memory is shared with everything else)."""
+    if next(model.parameters()).device.type == "cuda":
+        return EngineConfig(max_num_seqs=8, gpu_memory_utilization=0.85)
+    max_len = min(model.config.text.max_position_embeddings, CPU_MAX_MODEL_LEN)
+    return EngineConfig(max_num_seqs=2, max_model_len=max_len, kv_cache_tokens=max_len)
+
+
+__all__ = ["ChatResult", "Conversation", "PhiVision", "load", "DEFAULT_MODEL", "PromptError"]

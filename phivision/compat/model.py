@@ -87,7 +87,14 @@ class Phi3VCompatModel:
 
     def to(self, device) -> "Phi3VCompatModel":
         self.model.to(device)
+        self.model.reset_buffers(device)  # rotary tables are recomputed, not copied, on the new device
         return self
+
+    def cuda(self, device: int | str | None = None) -> "Phi3VCompatModel":
+        return self.to("cuda" if device is None else (f"cuda:{device}" if isinstance(device, int) else device))
+
+    def cpu(self) -> "Phi3VCompatModel":
+        return self.to("cpu")
 
     def __call__(
         self,

@@ -70,6 +70,7 @@ class RequestState:
     generator: torch.Generator | None
     num_image_tokens: int = 0
     num_crops_run: int = 0
+    cached_prompt_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache
     load_s: float = 0.0  # add_prompt's image decoding
     prepare_s: float = 0.0  # add_prompt's whole time: decoding, tokenising, preprocessing, vision tower
     arrival_s: float = field(default_factory=time.perf_counter)
@@ -204,6 +205,8 @@ class Engine:
         if batch.kind == "prefill":
             sampled_rows, sampled_states, tokens = [], [], [None] * len(batch.seqs)
             for row, (seq, state, (start, end), last) in enumerate(zip(batch.seqs, states, batch.chunks, batch.is_last_chunk)):
+                if state.cached_prompt_tokens is None:
+                    state.cached_prompt_tokens = start  # the first chunk starts after the reused blocks
                 logits = self.runner.prefill(seq.token_ids[start:end], start, seq.block_table, state.image_features,
                                              bool(seq.long_rope))
                 if last:

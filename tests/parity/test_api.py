@@ -7,6 +7,7 @@ import torch
 
 import phivision
 from phivision.api import PhiVision
+from phivision.generation.engine import EngineConfig
 from phivision.errors import ImageLoadError, PromptError
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "images"
@@ -51,16 +52,18 @@ def test_stream_joins_to_chat_text(pv):
 
 
 def test_conversation_runs_vision_once_per_distinct_image_and_reuses_kv(pv, count_vision):
-    pv.image_cache._entries.clear()
+    pv.image_cache.clear()
     conv = pv.conversation(num_crops=4)
     first = conv.ask("Describe it.", images=[EXAMPLES / "scene.png"], max_new_tokens=6)
     second = conv.ask("And this one?", images=[EXAMPLES / "chart.png"], max_new_tokens=6)
     third = conv.ask("Which one is brighter?", max_new_tokens=6)
     # scene once, chart once; the third turn re-sends both images and runs no vision at all.
     assert count_vision == [1, 1]
+    # The prefix cache works in whole KV blocks: every full block of the previous turn is reused.
+    block = pv.engine.config.block_size
     assert first.cached_prompt_tokens == 0
-    assert second.cached_prompt_tokens >= first.prompt_tokens - 1
-    assert third.cached_prompt_tokens >= second.prompt_tokens - 1
+    assert second.cached_prompt_tokens >= first.prompt_tokens // block * block > 0
+    assert third.cached_prompt_tokens >= second.prompt_tokens // block * block
     assert [m["role"] for m in conv.messages] == ["user", "assistant"] * 3
     # The same image in a new, unrelated chat reuses the cached features too.
     pv.chat([_user("Again?", EXAMPLES / "scene.png")], num_crops=4, max_new_tokens=2)
@@ -72,14 +75,27 @@ def test_cached_turn_gives_the_same_answer_as_a_fresh_chat(pv):
     conv.ask("Describe it.", images=[EXAMPLES / "scene.png"], max_new_tokens=5)
     second = conv.ask("Say more.", max_new_tokens=10)
     assert second.cached_prompt_tokens > 0
-    fresh = pv.chat(conv.messages[:-1], num_crops=4, max_new_tokens=10)
+    uncached = PhiVision(pv.model, pv.processor, engine_config=EngineConfig(
+        max_num_seqs=2, max_model_len=2048, kv_cache_tokens=2048, enable_prefix_caching=False))
+    fresh = uncached.chat(conv.messages[:-1], num_crops=4, max_new_tokens=10)
     assert fresh.cached_prompt_tokens == 0
     assert second.text == fresh.text
 
 
 def test_count_tokens_agrees_with_the_prompt(pv):
     messages = [_user("Compare.", EXAMPLES / "chart.png", EXAMPLES / "table.png")]
-    assert pv.count_tokens(messages) == pv.prepare(messages).input_ids.shape[1]
+    assert pv.count_tokens(messages) == pv.chat(messages, max_new_tokens=1).prompt_tokens
+
+
+def test_stop_string_frees_the_request(pv):
+    messages = [_user("Tell a story.")]
+    full = pv.chat(messages, max_new_tokens=12).text
+    stop = full[4:7]
+    assert stop.strip()
+    result = pv.chat(messages, max_new_tokens=12, stop=[stop])
+    assert result.text == full[: full.index(stop)] and result.finish_reason == "stop"
+    assert not pv.engine.has_unfinished()
+    assert pv.engine.block_manager.num_free_blocks == pv.engine.block_manager.num_usable_blocks
 
 
 def test_bad_inputs_raise_clear_errors(pv):
