@@ -6,13 +6,14 @@ generator underneath. Model card code runs with nothing changed but the import l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..errors import PromptError
-from ..generation.generate import TokenGenerator
+from ..generation.engine import Engine, EngineConfig
 from ..generation.sampling import SamplingParams
 from ..weights import load_model
 
@@ -73,6 +74,24 @@ class Phi3VCompatModel:
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
         self.config = model.config
+        self._engine: Engine | None = None
+
+    def _get_engine(self, batch: int, length: int) -> Engine:
+        """The batched engine (the fast path on CUDA), made on first use and again when a call needs more room."""
+        text = self.config.text
+        max_len = min(text.max_position_embeddings, max(length, 8192))
+        engine = self._engine
+        if engine is None or engine.max_model_len < length or engine.config.max_num_seqs < batch:
+            seqs = max(batch, 8)
+            on_gpu = self.device.type == "cuda"
+            # On a GPU the pool takes what memory allows; on the CPU it holds the batch at this length.
+            config = EngineConfig(max_num_seqs=seqs, max_model_len=max_len,
+                                  kv_cache_tokens=None if on_gpu else max_len * min(batch, 4))
+            self._engine = engine = None  # release the old pool before sizing a new one
+            if on_gpu:
+                torch.cuda.empty_cache()
+            self._engine = engine = Engine(self.model, None, config)
+        return engine
 
     @property
     def device(self) -> torch.device:
@@ -153,17 +172,31 @@ class Phi3VCompatModel:
         else:
             params = SamplingParams(max_new_tokens=max_new_tokens)
         device = self.device
-        gen = TokenGenerator(
-            self.model,
-            input_ids,
-            attention_mask,
-            params,
-            stop_token_ids=eos,
-            pad_token_id=pad_token_id,
-            pixel_values=None if pixel_values is None else pixel_values.to(device, self.dtype),
-            image_sizes=None if image_sizes is None else image_sizes.to(device),
-        )
-        columns = [[pad_token_id if tok is None else tok for tok in step] for step in gen]
-        new = torch.tensor(columns, dtype=torch.long).T.reshape(input_ids.shape[0], -1)
+        features = None
+        if pixel_values is not None:
+            with torch.inference_mode():
+                features = self.model.encode_images(pixel_values.to(device, self.dtype), image_sizes.to(device))
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), mask.cpu())]  # padding removed
+        engine = self._get_engine(len(rows), max(len(r) for r in rows) + max_new_tokens)
+        params = replace(params, stop_token_ids=tuple(eos))
+        # Keys for the prefix cache: fresh per call (features are not re-identified across calls here).
+        image_keys = [uuid.uuid4().hex for _ in range(0 if features is None else len(features))]
+        request_ids = []
+        for row in rows:
+            # Every row gets the whole feature list: its placeholder ids name images of the whole batch.
+            row_features = features if any(t < 0 for t in row) else None
+            row_params = params if params.seed is None else replace(params, seed=params.seed + len(request_ids))
+            request_ids.append(engine.add_request(row, row_params, image_features=row_features,
+                                                  image_keys=image_keys if row_features else ()))
+        new_ids: dict[str, list[int]] = {rid: [] for rid in request_ids}
+        while any(engine.request_info_or_none(rid) is not None for rid in request_ids):
+            for out in engine.step():
+                if out.request_id in new_ids and out.token_id is not None:
+                    new_ids[out.request_id].append(out.token_id)
+        width = max(len(v) for v in new_ids.values())
+        new = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        for row, rid in enumerate(request_ids):
+            new[row, : len(new_ids[rid])] = torch.tensor(new_ids[rid], dtype=torch.long)
         return torch.cat([input_ids.cpu().long(), new], dim=1)
 

@@ -93,11 +93,13 @@ def _pool_tokens(model: torch.nn.Module, config: EngineConfig, max_model_len: in
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, processor: Processor, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: torch.nn.Module, processor: Processor | None, config: EngineConfig = EngineConfig()):
+        """`processor` may be None for an engine fed token ids only (add_request); the default stop
+        tokens are then the config's eos id."""
         start = time.perf_counter()
         self.model = model.eval()
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = processor.tokenizer if processor is not None else None
         self.config = config
         text = model.config.text
         max_model_len = min(config.max_model_len or min(text.max_position_embeddings, 32768), text.max_position_embeddings)
@@ -112,7 +114,8 @@ class Engine:
                             max_num_batched_tokens=config.max_num_batched_tokens,
                             prefill_chunk_size=config.prefill_chunk_size, max_model_len=max_model_len,
                             original_max_position_embeddings=text.original_max_position_embeddings,
-                            default_stop_token_ids=default_stop_token_ids(self.tokenizer)),
+                            default_stop_token_ids=default_stop_token_ids(self.tokenizer) if self.tokenizer is not None
+                            else (text.eos_token_id,)),
             self.block_manager,
         )
         self.image_cache = ImageFeatureCache(config.image_cache_entries)
@@ -172,6 +175,10 @@ class Engine:
 
     def request_info(self, request_id: str) -> RequestState:
         return self._requests[request_id]
+
+    def request_info_or_none(self, request_id: str) -> RequestState | None:
+        """The request's state while it is unfinished, else None."""
+        return self._requests.get(request_id)
 
     def abort(self, request_id: str) -> bool:
         """Stops a request at once and frees its KV blocks; False if it was not running."""
