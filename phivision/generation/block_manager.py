@@ -78,6 +78,10 @@ class BlockManager:
         self._hash_to_block: dict[BlockHash, int] = {}
         self._free: deque[int] = deque(range(num_reserved_blocks, num_blocks))
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # least recently freed first
+        # The hash chain of the last sequence asked about: a waiting head that cannot be admitted
+        # is asked about every step, and a 128K-token prompt's chain costs ~10 ms to recompute.
+        self._chain_owner: tuple[Sequence, bool] | None = None
+        self._chain: list[BlockHash] = []
 
     # -- counts ---------------------------------------------------------------------------------
 
@@ -202,16 +206,21 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return [], []
         max_blocks = (seq.num_tokens - 1) // self.block_size  # keep at least one token to compute
+        owner = self._chain_owner
+        if owner is None or owner[0] is not seq or owner[1] != seq.long_rope:
+            # Full blocks never change (tokens are only appended), so a chain stays valid for its
+            # sequence and factor set.
+            self._chain_owner, self._chain = (seq, seq.long_rope), []
+        chain = self._chain
         hits: list[int] = []
-        hashes: list[BlockHash] = []
-        parent = None
         for block_idx in range(max_blocks):
-            parent = self._hash_block(seq, block_idx, parent)
-            block_id = self._hash_to_block.get(parent)
+            if block_idx == len(chain):
+                chain.append(self._hash_block(seq, block_idx, chain[-1] if chain else None))
+            block_id = self._hash_to_block.get(chain[block_idx])
             if block_id is None:
                 break
             hits.append(block_id)
-            hashes.append(parent)
+        hashes = chain[: len(hits)]
         num_blocks = safe_prefix_length(seq.token_ids, len(hits) * self.block_size, self.block_size) // self.block_size
         return hits[:num_blocks], hashes[:num_blocks]
 
