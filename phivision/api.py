@@ -234,21 +234,31 @@ class Conversation:
             self._num_crops_used = default_num_crops(total_images)
         return self._num_crops_used
 
-    def stream(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> Iterator[str]:
-        """Ask; yields the answer's pieces and records the turn once it is complete."""
-        for image in images:
-            self.add_image(image)
-        parts = [{"type": "image", "image": image} for image in self._pending_images] + [{"type": "text", "text": text}]
-        user = {"role": "user", "content": parts}
-        messages = self.messages + [user]
-        crops = self._crops(self.num_images + len(self._pending_images))
-        result = None
-        for item in self.engine._run(messages, crops, sampling):
-            if isinstance(item, str):
-                yield item
-            else:
-                result = item
+    def discard_pending(self) -> None:
+        """Forget images attached with add_image that no question has used yet."""
         self._pending_images = []
+
+    def stream(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> Iterator[str]:
+        """Ask; yields the answer's pieces and records the turn once it is complete.
+
+        A turn that fails or is interrupted is dropped whole: the question, its partial answer and
+        the images attached to it; the history stays as it was.
+        """
+        try:
+            for image in images:
+                self.add_image(image)
+            parts = [{"type": "image", "image": image} for image in self._pending_images] + [{"type": "text", "text": text}]
+            user = {"role": "user", "content": parts}
+            messages = self.messages + [user]
+            crops = self._crops(self.num_images + len(self._pending_images))
+            result = None
+            for item in self.engine._run(messages, crops, sampling):
+                if isinstance(item, str):
+                    yield item
+                else:
+                    result = item
+        finally:
+            self._pending_images = []
         self.messages = messages + [{"role": "assistant", "content": result.text}]
         self.last_result = result
 

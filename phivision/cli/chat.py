@@ -172,8 +172,7 @@ def _drop_unfinished_turn(conversation: "Conversation") -> None:
     but the turn's images stay queued inside the Conversation: without this they would ride along
     with the next question, and an image that made the turn too long would fail every turn after.
     """
-    # TODO(api): use a public Conversation method once api.py has one (see the CLI report).
-    conversation._pending_images = []
+    conversation.discard_pending()
 
 
 def run(args: argparse.Namespace) -> int:

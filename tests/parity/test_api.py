@@ -114,3 +114,13 @@ def test_seeded_sampling_through_the_api(pv):
     a = pv.chat(messages, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=5).text
     b = pv.chat(messages, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=5).text
     assert a == b
+
+
+def test_failed_turn_is_dropped_whole(pv):
+    conv = pv.conversation(num_crops=4)
+    conv.add_image(EXAMPLES / "scene.png")
+    with pytest.raises(PromptError):
+        conv.ask("Describe it.", max_new_tokens=10**6)
+    assert conv.messages == []
+    # The image attached to the failed question does not ride along with the next one.
+    assert conv.ask("Hello?", max_new_tokens=2).image_tokens == 0
