@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import PromptError
-from .generation.detokenize import IncrementalDecoder, StopStringFilter
+from .generation.detokenize import RequestText
 from .generation.engine import Engine, EngineConfig
 from .generation.sampling import SamplingParams
 from .processing.image import num_image_tokens_for_size
@@ -137,8 +137,8 @@ class PhiVision:
         engine = self.engine
         request_id = engine.add_prompt(prompt, sources, params, num_crops=crops)
         state = engine.request_info(request_id)
-        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else engine.scheduler.config.default_stop_token_ids)
-        decoder, stopper = IncrementalDecoder(self.tokenizer), StopStringFilter(params.stop)
+        stop_ids = params.stop_token_ids if params.stop_token_ids is not None else engine.scheduler.config.default_stop_token_ids
+        output = RequestText(self.tokenizer, params.stop, stop_ids, params.ignore_eos)
         text, completion, ttft, finish, done = "", 0, None, "length", False
         try:
             while not done:
@@ -155,10 +155,8 @@ class PhiVision:
                     completion += 1
                     if out.finished:
                         finish = out.finish_reason or finish
-                    if out.token_id in stop_ids and not params.ignore_eos:
-                        continue
-                    piece = stopper.push(decoder.push(out.token_id))
-                    if stopper.stopped:
+                    piece = output.push(out.token_id)
+                    if output.stopped:
                         finish, done = "stop", True
                         engine.abort(request_id)  # frees its blocks at once
                     if piece:
@@ -167,11 +165,10 @@ class PhiVision:
         except BaseException:
             engine.abort(request_id)  # Ctrl-C or an error mid-answer: nothing stays allocated
             raise
-        if not stopper.stopped:
-            tail = stopper.push(decoder.flush()) + stopper.flush()
-            if tail:
-                text += tail
-                yield tail
+        tail = output.finish()
+        if tail:
+            text += tail
+            yield tail
         yield ChatResult(
             text=text,
             finish_reason=finish,

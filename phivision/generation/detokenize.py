@@ -86,3 +86,34 @@ class StopStringFilter:
     def flush(self) -> str:
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
+
+
+class RequestText:
+    """One request's generated token ids -> the text to show: end tokens dropped (unless
+    `ignore_eos`), multi-byte characters kept whole, output cut at the first stop string.
+
+    The API, the command line and the server all turn engine outputs into text through this, so a
+    stop string ends an answer the same way everywhere.
+    """
+
+    def __init__(self, tokenizer: Decodes, stop: Sequence[str], stop_token_ids: Sequence[int], ignore_eos: bool = False):
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stopper = StopStringFilter(stop)
+        self._stop_ids = frozenset(stop_token_ids)
+        self._ignore_eos = ignore_eos
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string appeared: the answer is complete and the request should be ended."""
+        return self._stopper.stopped
+
+    def push(self, token_id: int) -> str:
+        if token_id in self._stop_ids and not self._ignore_eos:
+            return ""
+        return self._stopper.push(self._decoder.push(token_id))
+
+    def finish(self) -> str:
+        """The text still held back once the request has ended."""
+        if self._stopper.stopped:
+            return ""
+        return self._stopper.push(self._decoder.flush()) + self._stopper.flush()

@@ -228,8 +228,8 @@ class Engine:
             tokens = self._sample(logits, states)
         finished = {id(s) for s in self.scheduler.postprocess(batch.seqs, tokens)}
         for seq, token in zip(batch.seqs, tokens):
-            if token is None:
-                continue
+            if token is None or self._requests.get(seq.request_id) is None:
+                continue  # a prefill chunk that is not the last, or a request aborted since scheduling
             self.num_generated_tokens += 1
             done = id(seq) in finished
             outputs.append(StepOutput(seq.request_id, token, done, seq.finish_reason if done else None))
