@@ -5,6 +5,7 @@ Subcommands (one module each):
   ask IMAGE... [-p PROMPT]     one question about one or more images, answer streamed
   chat [IMAGE...]              a multi-turn conversation on stdin/stdout
   video FILE_OR_FOLDER         frames of a video, or a folder of slides, and one question about them
+  serve                        the OpenAI-compatible HTTP server and chat page
 
 Each module's `add_parser` registers its subcommand with a `run` function taking the parsed
 arguments and returning an exit code: 0 done, 2 a usage or input error (our PhiVisionError types:
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import PhiVisionError
-from . import ask, chat, tokens, video
+from . import ask, chat, serve, tokens, video
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, PROG, error_line, generation_options
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_parser(subparsers, generating)
     chat.add_parser(subparsers, generating)
     video.add_parser(subparsers, generating)
+    serve.add_parser(subparsers, [common])
     return parser
 
 

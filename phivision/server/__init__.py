@@ -1,0 +1,1 @@
+"""The HTTP server (optional extra `phivision[server]`): OpenAI chat completions, chat page, metrics."""

@@ -1,0 +1,88 @@
+"""Which image sources a request may name, and reading them within the server's limits.
+
+`data:` URIs are always accepted. http(s) URLs only when the server was started with
+`--allow-urls`; local files (`file://` URLs or plain paths) only under the folder given with
+`--image-dir`, after resolving symbolic links and `..`, so a request cannot read other files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+
+from ..errors import ImageLoadError
+from ..processing.loading import load_image
+from .protocol import APIError
+
+DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    allow_urls: bool = False
+    image_dir: Path | None = None  # local files are readable only below this folder
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # encoded size of one image
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def _too_large(what: str, size: int, limit: int) -> APIError:
+    return APIError(400, f"{what} is {size:,} bytes, over the server's limit of {limit:,} bytes per image",
+                    code="image_too_large")
+
+
+def _data_uri_bytes(uri: str, policy: ImagePolicy, where: str) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise APIError(400, f"{where}: a data URI must look like data:image/png;base64,<data>", code="invalid_image")
+    # base64 holds 3 bytes per 4 characters: refuse before decoding a payload that is too big.
+    if len(payload) * 3 // 4 > policy.max_image_bytes:
+        raise _too_large(f"{where} (data URI)", len(payload) * 3 // 4, policy.max_image_bytes)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise APIError(400, f"{where}: the data URI is not valid base64 ({exc})", code="invalid_image") from exc
+
+
+def _local_path(source: str, policy: ImagePolicy, where: str) -> Path:
+    if policy.image_dir is None:
+        raise APIError(400, f"{where}: local image paths are not allowed on this server (start it with --image-dir)",
+                       code="image_source_not_allowed")
+    raw = unquote(urlparse(source).path) if source.startswith("file://") else source
+    root = policy.image_dir.resolve()
+    path = (root / raw).resolve()  # an absolute `raw` replaces root, then must still land under it
+    if not path.is_relative_to(root):
+        raise APIError(400, f"{where}: {raw!r} is outside the server's image folder", code="image_source_not_allowed")
+    if not path.is_file():
+        raise APIError(400, f"{where}: no image file {raw!r} in the server's image folder", code="invalid_image")
+    size = path.stat().st_size
+    if size > policy.max_image_bytes:
+        raise _too_large(f"{where} ({raw})", size, policy.max_image_bytes)
+    return path
+
+
+def fetch_image(source: str, policy: ImagePolicy, where: str) -> Image.Image:
+    """Reads one image part's URL under `policy`; APIError (400) for anything refused or unreadable."""
+    if not isinstance(source, str) or not source:
+        raise APIError(400, f"{where}: image_url.url must be a non-empty string", code="invalid_image")
+    lowered = source[:16].lower()
+    try:
+        if lowered.startswith("data:"):
+            data: bytes | str | Path = _data_uri_bytes(source, policy, where)
+        elif lowered.startswith(("http://", "https://")):
+            if not policy.allow_urls:
+                raise APIError(400, f"{where}: http(s) image URLs are not allowed on this server (start it with "
+                                    "--allow-urls, or send the image as a data: URI)", code="image_source_not_allowed")
+            data = source
+        else:
+            data = _local_path(source, policy, where)
+        image = load_image(data, allow_urls=policy.allow_urls, max_pixels=policy.max_image_pixels)
+    except ImageLoadError as exc:
+        code = "image_too_large" if "over the limit" in exc.reason else "invalid_image"
+        raise APIError(400, f"{where}: {exc.reason}", code=code) from exc
+    return image

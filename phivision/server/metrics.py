@@ -1,0 +1,92 @@
+"""Prometheus text exposition of the server's state and counters (no client library needed for this)."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .async_engine import AsyncEngine
+
+TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts):
+            running += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{name}_bucket{{le="{le}"}} {running}')
+        out += [f"{name}_sum {self.total}", f"{name}_count {self.count}"]
+        return out
+
+
+class ServerMetrics:
+    """Counters the HTTP layer updates; engine gauges are read when scraped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.responses: Counter[str] = Counter()  # by HTTP status
+        self.ttft = Histogram(TTFT_BUCKETS_S)
+        self.completion_tokens = 0
+
+    def record_response(self, status: int) -> None:
+        with self._lock:
+            self.responses[str(status)] += 1
+
+    def record_ttft(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft.observe(seconds)
+
+    def record_completion(self, tokens: int) -> None:
+        with self._lock:
+            self.completion_tokens += tokens
+
+    def render(self, engine: AsyncEngine) -> str:
+        stats = engine.engine.stats()
+        cache = engine.engine.image_cache
+
+        def metric(name: str, kind: str, help_text: str, value: float | int) -> list[str]:
+            return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+
+        lines: list[str] = []
+        lines += metric("phivision_requests_waiting", "gauge", "Requests waiting for admission (KV memory or a batch slot).",
+                        stats["waiting"] + max(0, engine.num_unfinished - stats["waiting"] - stats["running"]))
+        lines += metric("phivision_requests_running", "gauge", "Requests being prefilled or decoded.", stats["running"])
+        lines += metric("phivision_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks held by requests.",
+                        round(stats["kv_usage"], 6))
+        lines += metric("phivision_kv_blocks_total", "gauge", "Usable KV cache blocks.", stats["kv_blocks_total"])
+        lines += metric("phivision_kv_blocks_free", "gauge", "KV cache blocks free (prefix-cached ones included).",
+                        stats["kv_blocks_free"])
+        lines += metric("phivision_generation_tokens_per_second", "gauge",
+                        "Tokens generated per second over the last 10 seconds.", round(engine.tokens_per_second(), 3))
+        lines += metric("phivision_generation_tokens_total", "counter", "Tokens generated.", stats["generated_tokens"])
+        lines += metric("phivision_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.",
+                        engine.stats.prompt_tokens)
+        lines += metric("phivision_requests_aborted_total", "counter", "Requests cancelled (client gone or stop string).",
+                        engine.stats.requests_aborted)
+        lines += metric("phivision_engine_steps_total", "counter", "Engine steps run.", engine.stats.steps)
+        lines += metric("phivision_image_cache_hits_total", "counter", "Images whose features came from the cache.", cache.hits)
+        lines += metric("phivision_image_cache_misses_total", "counter", "Images run through the vision tower.", cache.misses)
+        with self._lock:
+            lines += ["# HELP phivision_http_responses_total Chat completion responses by HTTP status.",
+                      "# TYPE phivision_http_responses_total counter"]
+            lines += [f'phivision_http_responses_total{{status="{code}"}} {n}' for code, n in sorted(self.responses.items())]
+            lines += ["# HELP phivision_time_to_first_token_seconds Time from request to first token.",
+                      "# TYPE phivision_time_to_first_token_seconds histogram"]
+            lines += self.ttft.lines("phivision_time_to_first_token_seconds")
+        return "\n".join(lines) + "\n"
