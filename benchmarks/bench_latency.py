@@ -40,6 +40,11 @@ WORKLOADS = {
                text="Describe this image in detail, including the main subject, actions, and setting."),
     "W2": dict(images=[(1280, 720)] * 8, num_crops=4, new_tokens=256, text="Summarize what happens in these frames."),
     "W3": dict(images=[], num_crops=4, new_tokens=64, text_tokens=8192),
+    # One request of the serving load (bench_serving.py sends 64 of them at once through the HTTP API;
+    # its baseline is this single request, run one after another).
+    "W4": dict(images=[(672, 672)], num_crops=4, new_tokens=128,
+               text="Look at this picture carefully and describe the houses, the trees, the sky and the sun, "
+                    "then tell me what time of day it probably is."),
 }
 
 

@@ -34,7 +34,7 @@ from ..generation.engine import Engine
 from ..generation.sampling import SamplingParams
 from ..processing.image import num_image_tokens_for_size
 from ..processing.prompt import tokenize_prompt
-from .async_engine import AsyncEngine, EngineDeadError, RequestStream
+from .async_engine import CANCELLED, AsyncEngine, EngineDeadError, RequestStream
 from .media import ImagePolicy, fetch_image
 from .metrics import ServerMetrics
 from .protocol import (
@@ -200,6 +200,9 @@ class _Server:
         try:
             async for out in stream.outputs():
                 if out.finish_reason == "abort":
+                    if out.error == CANCELLED:  # ended by abort(): the client left or a stop string was seen
+                        yield "", "abort"
+                        return
                     raise APIError(500, out.error or "the request was aborted", type="server_error")
                 if first:
                     self.metrics.record_ttft(time.perf_counter() - started)
@@ -336,6 +339,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             watcher.cancel()
         completion = server.completion_tokens(stream)
         server.metrics.record_completion(completion)
+        if finish == "abort":  # the client has gone: nobody reads this
+            server.metrics.record_response(499)
+            return Response(status_code=499)
         server.metrics.record_response(200)
         return JSONResponse(completion_body(rid, settings.model_name, "".join(pieces), finish,
                                             server.usage(prepared, stream, completion), created))

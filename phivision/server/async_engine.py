@@ -23,6 +23,7 @@ from ..generation.engine import Engine, RequestState, StepOutput
 from ..generation.sampling import SamplingParams
 
 TOKEN_RATE_WINDOW_S = 10.0
+CANCELLED = "cancelled"  # the error of the final output of a request ended by abort()
 
 
 class EngineDeadError(RuntimeError):
@@ -190,9 +191,12 @@ class AsyncEngine:
             stream.put(state)
         else:
             _, request_id = command
-            if self._streams.pop(request_id, None) is not None:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
                 self.engine.abort(request_id)
                 self.stats.requests_aborted += 1
+                # A reader may still be waiting (e.g. a plain request whose client left): end its stream.
+                stream.put(StepOutput(request_id, None, True, "abort", CANCELLED))
 
     def _step(self) -> None:
         try:

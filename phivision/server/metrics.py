@@ -82,6 +82,14 @@ class ServerMetrics:
         lines += metric("phivision_engine_steps_total", "counter", "Engine steps run.", engine.stats.steps)
         lines += metric("phivision_image_cache_hits_total", "counter", "Images whose features came from the cache.", cache.hits)
         lines += metric("phivision_image_cache_misses_total", "counter", "Images run through the vision tower.", cache.misses)
+        device = next(engine.engine.model.parameters()).device
+        if device.type == "cuda":
+            import torch
+
+            lines += metric("phivision_gpu_memory_allocated_bytes", "gauge", "GPU memory held by tensors now.",
+                            torch.cuda.memory_allocated(device))
+            lines += metric("phivision_gpu_memory_peak_bytes", "gauge", "Most GPU memory held by tensors since start.",
+                            torch.cuda.max_memory_allocated(device))
         with self._lock:
             lines += ["# HELP phivision_http_responses_total Chat completion responses by HTTP status.",
                       "# TYPE phivision_http_responses_total counter"]
