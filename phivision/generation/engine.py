@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..errors import PromptError
-from ..processing.image import num_image_tokens_for_size
+from ..errors import PhiVisionError, PromptError
+from ..processing.image import hd_grid, num_image_tokens_for_size
 from ..processing.loading import load_image
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
@@ -35,6 +35,11 @@ from .runner import ModelRunner, RunnerConfig
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+
+
+# Crops one vision-tower call may take across requests (~1.5 GiB of activations in bf16 at this
+# size); a single request with more still goes in one call, as it would alone.
+MAX_VISION_BATCH_CROPS = 160
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True
     image_cache_entries: int = 64
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """A prompt with `<|image_N|>` tags and its images (any source load_image takes)."""
+
+    prompt: str
+    images: Ids[Any]
+    params: SamplingParams
+    num_crops: int | None = None  # default: the processor's
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,26 +168,73 @@ class Engine:
     def add_prompt(self, prompt: str, images: Ids[Any], params: SamplingParams, *, num_crops: int | None = None,
                    use_image_cache: bool = True, request_id: str | None = None) -> str:
         """Tokenises `prompt`, preprocesses its images and runs the vision tower (for images not cached)."""
+        (result,) = self.add_prompts([PromptRequest(prompt, images, params, num_crops, request_id)],
+                                     use_image_cache=use_image_cache)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def add_prompts(self, requests: Ids[PromptRequest], *, use_image_cache: bool = True) -> list[str | Exception]:
+        """Adds several prompts at once: their new images go through the vision tower in one batch
+        per crop count (a server receiving many requests together fills the GPU better that way).
+
+        Returns, per request, its id or the exception that refused it (others are unaffected).
+        """
         started = time.perf_counter()
-        crops = num_crops if num_crops is not None else self.processor.num_crops
-        # Decoding runs side by side (PIL releases the GIL while it decodes).
-        with ThreadPoolExecutor(max(1, min(len(images), 8))) as pool:
-            loaded = list(pool.map(lambda image: load_image(image, allow_urls=self.processor.allow_urls), images))
-        loaded_at = time.perf_counter()
-        num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in loaded]
-        ids = tokenize_prompt(self.tokenizer, prompt, num_tokens)
-        if len(ids) + params.max_new_tokens > self.max_model_len:
-            raise PromptError(
-                f"the prompt ({len(ids)} tokens, images included) plus max_new_tokens ({params.max_new_tokens}) is over "
-                f"the engine's limit of {self.max_model_len} tokens"
-            )
-        features, keys, crops_run = encode_images(self.model, loaded, crops, self.image_cache if use_image_cache else None)
-        request_id = self.add_request(ids, params, image_features=features or None, image_keys=keys, request_id=request_id)
-        state = self._requests[request_id]
-        state.num_crops_run = crops_run
-        state.prepare_s = time.perf_counter() - started
-        state.load_s = loaded_at - started
-        return request_id
+        results: list[str | Exception | None] = [None] * len(requests)
+        prepared = []  # (index, request, loaded images, ids, crops, load time)
+        for index, request in enumerate(requests):
+            try:
+                crops = request.num_crops if request.num_crops is not None else self.processor.num_crops
+                # Decoding runs side by side (PIL releases the GIL while it decodes).
+                with ThreadPoolExecutor(max(1, min(len(request.images), 8))) as pool:
+                    loaded = list(pool.map(lambda image: load_image(image, allow_urls=self.processor.allow_urls),
+                                           request.images))
+                loaded_at = time.perf_counter()
+                num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in loaded]
+                ids = tokenize_prompt(self.tokenizer, request.prompt, num_tokens)
+                if len(ids) + request.params.max_new_tokens > self.max_model_len:
+                    raise PromptError(
+                        f"the prompt ({len(ids)} tokens, images included) plus max_new_tokens "
+                        f"({request.params.max_new_tokens}) is over the engine's limit of {self.max_model_len} tokens"
+                    )
+                prepared.append((index, request, loaded, ids, crops, loaded_at - started))
+            except PhiVisionError as exc:
+                results[index] = exc
+        by_crops: dict[int, list] = {}
+        for item in prepared:
+            by_crops.setdefault(item[4], []).append(item)
+        cache = self.image_cache if use_image_cache else None
+        batches = []
+        for crops, group in by_crops.items():
+            batch, batch_crops = [], 0
+            for item in group:
+                n = sum(rows * cols + 1 for rows, cols in (hd_grid(im.width, im.height, crops) for im in item[2]))
+                if batch and batch_crops + n > MAX_VISION_BATCH_CROPS:
+                    batches.append((crops, batch))
+                    batch, batch_crops = [], 0
+                batch.append(item)
+                batch_crops += n
+            batches.append((crops, batch))
+        for crops, group in batches:
+            images = [image for item in group for image in item[2]]
+            features, keys, crops_run = encode_images(self.model, images, crops, cache)
+            offset = 0
+            for index, request, loaded, ids, _, load_s in group:
+                mine = slice(offset, offset + len(loaded))
+                offset += len(loaded)
+                try:
+                    request_id = self.add_request(ids, request.params, image_features=features[mine] or None,
+                                                  image_keys=keys[mine], request_id=request.request_id)
+                except PhiVisionError as exc:
+                    results[index] = exc
+                    continue
+                state = self._requests[request_id]
+                state.num_crops_run = crops_run if len(group) == 1 else 0  # per batch, not per request
+                state.prepare_s = time.perf_counter() - started
+                state.load_s = load_s
+                results[index] = request_id
+        return results  # type: ignore[return-value]
 
     def request_info(self, request_id: str) -> RequestState:
         return self._requests[request_id]

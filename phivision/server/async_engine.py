@@ -18,8 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import PhiVisionError
-from ..generation.engine import Engine, RequestState, StepOutput
+from ..generation.engine import Engine, PromptRequest, RequestState, StepOutput
 from ..generation.sampling import SamplingParams
 
 TOKEN_RATE_WINDOW_S = 10.0
@@ -157,8 +156,16 @@ class AsyncEngine:
                     commands = list(self._inbox)
                     self._inbox.clear()
                     stop = self._stop
+                # Consecutive adds go in together: their images share vision-tower batches.
+                adds: list[_Add] = []
                 for command in commands:
-                    self._handle(command)
+                    if isinstance(command, _Add):
+                        adds.append(command)
+                        continue
+                    self._add(adds)
+                    adds = []
+                    self._abort(command[1])
+                self._add(adds)
                 if stop:
                     break
                 if self.engine.has_unfinished():
@@ -170,33 +177,34 @@ class AsyncEngine:
             self._stop = True
             self._fail_all(self._error or EngineDeadError("the server is shutting down"))
 
-    def _handle(self, command: Any) -> None:
-        if isinstance(command, _Add):
-            stream = command.stream
-            try:
-                self.engine.add_prompt(command.prompt, command.images, command.params, num_crops=command.num_crops,
-                                       request_id=stream.request_id)
-            except PhiVisionError as exc:
+    def _add(self, adds: list[_Add]) -> None:
+        if not adds:
+            return
+        requests = [PromptRequest(a.prompt, a.images, a.params, a.num_crops, a.stream.request_id) for a in adds]
+        try:
+            results: list[Any] = self.engine.add_prompts(requests)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the vision tower: these requests fail
+            traceback.print_exc()
+            results = [RuntimeError(f"could not start the request: {exc}")] * len(adds)
+        for add, result in zip(adds, results):
+            stream = add.stream
+            if isinstance(result, BaseException):
                 self.stats.requests_refused += 1
-                stream.put(exc)
-                return
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the vision tower: this request fails
-                self.stats.requests_refused += 1
-                stream.put(RuntimeError(f"could not start the request: {exc}"))
-                return
+                stream.put(result)
+                continue
             state = self.engine.request_info(stream.request_id)
             self.stats.requests_added += 1
             self.stats.prompt_tokens += state.num_prompt_tokens
             self._streams[stream.request_id] = stream
             stream.put(state)
-        else:
-            _, request_id = command
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                self.engine.abort(request_id)
-                self.stats.requests_aborted += 1
-                # A reader may still be waiting (e.g. a plain request whose client left): end its stream.
-                stream.put(StepOutput(request_id, None, True, "abort", CANCELLED))
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self.engine.abort(request_id)
+            self.stats.requests_aborted += 1
+            # A reader may still be waiting (e.g. a plain request whose client left): end its stream.
+            stream.put(StepOutput(request_id, None, True, "abort", CANCELLED))
 
     def _step(self) -> None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phivision.errors import PromptError
+from phivision.errors import ImageLoadError, PromptError
 from phivision.generation.engine import Engine, EngineConfig
 from phivision.generation.sampling import SamplingParams
 from phivision.processing.prompt import Processor
@@ -100,3 +100,32 @@ def test_over_the_limit_is_refused_before_work(model, processor):
     with pytest.raises(PromptError, match="max_new_tokens"):
         engine.add_prompt("<|user|>\nHi<|end|>\n<|assistant|>\n", [], SamplingParams(max_new_tokens=100))
     assert not engine.has_unfinished()
+
+
+def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, tiny_manifest, processor_golden, monkeypatch):
+    """Several prompts added together: one vision-tower call per crop count, the golden tokens for
+    each, and a refused request (an unreadable image) does not take the others down."""
+    from phivision.generation import engine as engine_module
+    from phivision.generation.engine import PromptRequest
+
+    calls = []
+    real_encode = engine_module.encode_images
+    monkeypatch.setattr(engine_module, "encode_images",
+                        lambda model, images, crops, cache: calls.append((len(images), crops)) or real_encode(model, images, crops, cache))
+    engine = _engine(model, processor)
+    cases = [c for c in tiny_manifest["cases"] if c["images"]]
+    requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
+                for c in cases]
+    bad = PromptRequest("<|user|>\n<|image_1|>\nx<|end|>\n<|assistant|>\n", [b"not an image"], GREEDY_24, 4)
+    results = engine.add_prompts([requests[0], bad, *requests[1:]])
+    assert isinstance(results[1], ImageLoadError), results[1]
+    assert not isinstance(results[0], Exception) and all(not isinstance(r, Exception) for r in results[2:])
+    assert len(calls) == len({c["num_crops"] for c in cases})  # one call per crop count
+    tokens = {rid: [] for rid in results if isinstance(rid, str)}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens[out.request_id].append(out.token_id)
+    ids = [results[0], *results[2:]]
+    for case, rid in zip(cases, ids):
+        assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
