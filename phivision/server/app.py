@@ -281,7 +281,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files("phivision.server").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(html)
+        # The page is one file with inline script and style; it may only talk to this server.
+        return HTMLResponse(html, headers={
+            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                       "img-src data: blob:; connect-src 'self'",
+            "Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> Response:
