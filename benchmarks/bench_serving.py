@@ -100,10 +100,10 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """The unlabelled samples of a Prometheus text page as name -> value."""
+    """The samples of a Prometheus text page as name (with its labels, if any) -> value."""
     values = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
+        if line and not line.startswith("#"):
             parts = line.split()
             if len(parts) == 2:
                 try:
@@ -579,6 +579,13 @@ def main() -> None:
                 "generated_tokens_counter": after.get("phivision_generation_tokens_total", 0)
                 - before.get("phivision_generation_tokens_total", 0),
                 "engine_steps": after.get("phivision_engine_steps_total", 0) - before.get("phivision_engine_steps_total", 0),
+                # Where the engine thread's time went during the run (the rest of e2e is idle or GIL waits).
+                "engine_time_s": {phase: after.get(f'phivision_engine_seconds_total{{phase="{phase}"}}', 0)
+                                  - before.get(f'phivision_engine_seconds_total{{phase="{phase}"}}', 0)
+                                  for phase in ("prepare", "prefill", "decode")},
+                "engine_steps_by_kind": {kind: after.get(f'phivision_engine_steps_by_kind_total{{kind="{kind}"}}', 0)
+                                         - before.get(f'phivision_engine_steps_by_kind_total{{kind="{kind}"}}', 0)
+                                         for kind in ("prefill", "decode")},
             },
             "settings": {
                 "server_args": args.server_arg,
@@ -599,6 +606,8 @@ def main() -> None:
         }
         print(f"ours W4: " + json.dumps({k: w4[k] for k in ("output_tok_s", "ttft_ms_mean", "ttft_ms_p99", "itl_ms_p99",
                                                             "e2e_s", "peak_gib")}), flush=True)
+        print(f"engine thread during the run: {json.dumps(w4['server']['engine_time_s'])} s, steps "
+              f"{json.dumps(w4['server']['engine_steps_by_kind'])}", flush=True)
 
         # ---- after the server has gone: device facts, ceilings, floors, baseline (GPU only)
         if cuda:

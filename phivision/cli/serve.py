@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .common import UsageError, check_device, model_name, notice, positive_int, probability
@@ -11,6 +12,7 @@ from .common import UsageError, check_device, model_name, notice, positive_int, 
 API_KEY_ENV = "PHIVISION_API_KEY"
 GPU_MAX_NUM_SEQS = 64
 CPU_MAX_NUM_SEQS = 8
+ENGINE_SWITCH_INTERVAL_S = 0.0005
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -97,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         graceful_shutdown_s=args.drain_timeout,
     )
     app = create_app(engine, settings)
+    # The engine thread and the event loop share the GIL: after each GPU step the engine thread
+    # must get it back at once, not after the default 5 ms switch interval of a busy event loop.
+    sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
     stats = engine.stats()
     notice(args, f"engine ready: {stats['kv_blocks_total'] * engine.config.block_size:,} KV tokens, "
                  f"{max_num_seqs} requests at once, context {engine.max_model_len:,}"

@@ -31,7 +31,7 @@ from .block_manager import BlockManager
 from .generate import default_stop_token_ids
 from .image_cache import ImageFeatureCache, encode_images
 from .kv_cache import PagedKVCache
-from .runner import ModelRunner, RunnerConfig
+from .runner import ModelRunner, PrefillChunk, RunnerConfig
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -138,6 +138,11 @@ class Engine:
         self._requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self.num_generated_tokens = 0
+        # Wall time spent per phase (preparing prompts and images, prefill steps, decode steps) and
+        # step counts: where a server's time goes, exported as metrics.
+        self.time_s = {"prepare": 0.0, "prefill": 0.0, "decode": 0.0}
+        self._last_kind: str | None = None
+        self.num_steps = {"prefill": 0, "decode": 0}
         self.setup_s = time.perf_counter() - start
 
     # ------------------------------------------------------------------ requests
@@ -234,6 +239,7 @@ class Engine:
                 state.prepare_s = time.perf_counter() - started
                 state.load_s = load_s
                 results[index] = request_id
+        self.time_s["prepare"] += time.perf_counter() - started
         return results  # type: ignore[return-value]
 
     def request_info(self, request_id: str) -> RequestState:
@@ -265,6 +271,15 @@ class Engine:
 
     def step(self) -> list[StepOutput]:
         """Runs one scheduled step; returns the new token of every request that got one."""
+        started = time.perf_counter()
+        outputs = self._step()
+        if self._last_kind is not None:
+            self.time_s[self._last_kind] += time.perf_counter() - started
+            self.num_steps[self._last_kind] += 1
+        return outputs
+
+    def _step(self) -> list[StepOutput]:
+        self._last_kind = None
         batch = self.scheduler.schedule()
         outputs = [StepOutput(s.request_id, None, True, "abort", s.error) for s in batch.aborted]
         for seq in batch.aborted:
@@ -272,18 +287,23 @@ class Engine:
         if batch.is_empty:
             return outputs
         states = [self._requests[seq.request_id] for seq in batch.seqs]
+        self._last_kind = batch.kind
         if batch.kind == "prefill":
-            sampled_rows, sampled_states, tokens = [], [], [None] * len(batch.seqs)
-            for row, (seq, state, (start, end), last) in enumerate(zip(batch.seqs, states, batch.chunks, batch.is_last_chunk)):
+            tokens = [None] * len(batch.seqs)
+            rows_by_rope: dict[bool, list[int]] = {}
+            for row, (seq, state, (start, _)) in enumerate(zip(batch.seqs, states, batch.chunks)):
                 if state.cached_prompt_tokens is None:
                     state.cached_prompt_tokens = start  # the first chunk starts after the reused blocks
-                logits = self.runner.prefill(seq.token_ids[start:end], start, seq.block_table, state.image_features,
-                                             bool(seq.long_rope))
-                if last:
-                    sampled_rows.append(logits)
-                    sampled_states.append(state)
-            if sampled_rows:
-                new = iter(self._sample(torch.stack(sampled_rows), sampled_states))
+                rows_by_rope.setdefault(bool(seq.long_rope), []).append(row)
+            logits_of: dict[int, torch.Tensor] = {}
+            for long_rope, rows in rows_by_rope.items():
+                chunks = [PrefillChunk(batch.seqs[r].token_ids[batch.chunks[r][0] : batch.chunks[r][1]], batch.chunks[r][0],
+                                       batch.seqs[r].block_table, states[r].image_features) for r in rows]
+                logits = self.runner.prefill_many(chunks, long_rope)  # (len(rows), V)
+                logits_of.update({r: logits[i] for i, r in enumerate(rows)})
+            sampled = [r for r, last in enumerate(batch.is_last_chunk) if last]
+            if sampled:
+                new = iter(self._sample(torch.stack([logits_of[r] for r in sampled]), [states[r] for r in sampled]))
                 tokens = [next(new) if last else None for last in batch.is_last_chunk]
         else:
             logits = self.runner.decode([s.last_token for s in batch.seqs], [s.num_tokens for s in batch.seqs],
@@ -318,4 +338,6 @@ class Engine:
             "kv_blocks_free": self.block_manager.num_free_blocks,
             "kv_usage": self.block_manager.usage,
             "generated_tokens": self.num_generated_tokens,
+            "time_s": dict(self.time_s),
+            "steps": dict(self.num_steps),
         }

@@ -112,8 +112,11 @@ class PagedBatch:
     """One forward call over the paged pool: the model's `cache` argument on the engine's path.
 
     decode: B sequences, one new token each (input (B, 1)); they attend to `context_lens` tokens
-    through `block_tables`. prefill: one sequence's chunk (input (1, T)) at positions
-    [start, start + T). New keys/values go to `slot_mapping` (one slot per new token, -1 = skip).
+    through `block_tables`. prefill: chunks of one or more sequences packed into one row (input
+    (1, T)); `segments[i] = (offset, length, start)` says that tokens [offset, offset + length) of
+    the row are sequence i's positions [start, start + length), its blocks in `block_tables[i]`.
+    The projections, norms and MLPs run on all chunks at once; attention runs per chunk. New
+    keys/values go to `slot_mapping` (one slot per new token, -1 = skip).
     `long_rope` fixes each row's LongRoPE factor set (the scheduler's rule, spec §6.8): a chunk of
     a long prompt already uses the long factors.
     Masking comes from the block tables and lengths, so the model builds no dense mask.
@@ -123,6 +126,7 @@ class PagedBatch:
 
     def __init__(self, pool: PagedKVCache, *, kind: str, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  long_rope: torch.Tensor, context_lens: torch.Tensor | None = None, start: int = 0,
+                 segments: list[tuple[int, int, int]] | None = None,
                  num_splits: int = 1, scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         if kind not in ("decode", "prefill"):
             raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
@@ -133,6 +137,7 @@ class PagedBatch:
         self.context_lens = context_lens
         self.long_rope = long_rope  # (B,) bool: which LongRoPE factor set each row's keys use
         self.start = start
+        self.segments = segments  # prefill only; None = one sequence starting at `start`
         self.num_splits = num_splits
         self.scratch = scratch
 
@@ -155,5 +160,11 @@ class PagedBatch:
         q = q.view(1, num_new, num_heads, head_dim).transpose(1, 2)  # (1, H, T, D)
         k = k.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)  # (1, H_kv, T, D)
         v = v.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)
-        out = paged_prefill_attention(q, k, v, k_pool, v_pool, self.block_tables[0], self.start)  # (1, H, T, D)
+        segments = self.segments or [(0, num_new, self.start)]
+        outs = [
+            paged_prefill_attention(q[:, :, offset : offset + length], k[:, :, offset : offset + length],
+                                    v[:, :, offset : offset + length], k_pool, v_pool, self.block_tables[row], start)
+            for row, (offset, length, start) in enumerate(segments)
+        ]  # each (1, H, t_i, D)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (1, H, T, D)
         return out.transpose(1, 2).reshape(1, num_new, q_size)

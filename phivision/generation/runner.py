@@ -22,6 +22,16 @@ DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
 @dataclass(frozen=True)
+class PrefillChunk:
+    """Positions [start, start + len(token_ids)) of one sequence, with its blocks and image features."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_table: Sequence[int]
+    image_features: list[torch.Tensor] | None
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
     num_blocks: int
     block_size: int = 64
@@ -106,7 +116,6 @@ class ModelRunner:
         size = self.config.block_size
         return [block_table[pos // size] * size + pos % size for pos in range(start, end)]
 
-    @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int], start: int, block_table: Sequence[int],
                 image_features: list[torch.Tensor] | None, long_rope: bool) -> torch.Tensor:
         """Computes positions [start, start + len(token_ids)) of one sequence; logits of the last (V,).
@@ -114,21 +123,58 @@ class ModelRunner:
         `token_ids` are the chunk's ids (negative = image placeholders, whole runs only);
         `long_rope` is the factor set of the whole sequence being prefilled (spec §6.8).
         """
-        end = start + len(token_ids)
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # (1, T)
-        positions = torch.arange(start, end, device=self.device)[None]  # (1, T)
+        return self.prefill_many([PrefillChunk(token_ids, start, block_table, image_features)], long_rope)[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, chunks: Sequence["PrefillChunk"], long_rope: bool) -> torch.Tensor:
+        """Prefills chunks of several sequences in one forward (all with the same LongRoPE factor
+        set); logits of each chunk's last token (S, V).
+
+        The chunks are packed into one row: the linear layers see all their tokens at once (one
+        large product instead of one per sequence, and one kernel launch per layer op instead of
+        one per sequence), attention runs per chunk. Each chunk's image tags -g are renumbered
+        -(g + images of the chunks before it) so that one concatenated feature list serves all.
+        """
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        segments: list[tuple[int, int, int]] = []
+        features: list[torch.Tensor] = []
+        has_images = False
+        for chunk in chunks:
+            offset, shift = len(ids), len(features)
+            chunk_ids = list(chunk.token_ids)
+            if any(t < 0 for t in chunk_ids):
+                has_images = True
+                if not chunk.image_features:
+                    raise ValueError("a prefill chunk has image placeholders but its sequence has no image features")
+                chunk_ids = [t - shift if t < 0 else t for t in chunk_ids]
+            if chunk.image_features:
+                features.extend(chunk.image_features)
+            end = chunk.start + len(chunk_ids)
+            ids.extend(chunk_ids)
+            positions.extend(range(chunk.start, end))
+            slots.extend(self.slots(chunk.block_table, chunk.start, end))
+            segments.append((offset, len(chunk_ids), chunk.start))
+        width = max(len(chunk.block_table) for chunk in chunks)
+        tables = torch.zeros((len(chunks), width), dtype=torch.int32)
+        for row, chunk in enumerate(chunks):
+            tables[row, : len(chunk.block_table)] = torch.tensor(list(chunk.block_table), dtype=torch.int32)
         cache = PagedBatch(
             self.pool,
             kind="prefill",
-            slot_mapping=torch.tensor(self.slots(block_table, start, end), dtype=torch.long, device=self.device),
-            block_tables=torch.tensor([list(block_table)], dtype=torch.int32, device=self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True),
+            block_tables=tables.to(self.device, non_blocking=True),
             long_rope=torch.tensor([long_rope], device=self.device),
-            start=start,
+            start=chunks[0].start,
+            segments=segments,
         )
-        has_images = any(t < 0 for t in token_ids)
-        logits = self.model(ids, positions=positions, cache=cache, image_features=image_features if has_images else None,
-                            logits_to_keep=1, has_images=has_images)
-        return logits[0, -1]
+        logits = self.model(torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True),
+                            positions=torch.tensor([positions], dtype=torch.long).to(self.device, non_blocking=True),
+                            cache=cache, image_features=features if has_images else None,
+                            logits_positions=[offset + length - 1 for offset, length, _ in segments],
+                            has_images=has_images)
+        return logits[0]  # (S, V)
 
     def _graph_for(self, batch: int) -> _DecodeGraph:
         for size in sorted(self._graphs):

@@ -104,9 +104,11 @@ class Phi3VForCausalLM(nn.Module):
         image_sizes: torch.Tensor | None = None,
         image_features: list[torch.Tensor] | None = None,
         logits_to_keep: int = 0,
+        logits_positions: list[int] | None = None,
         has_images: bool | None = None,
     ) -> torch.Tensor:
-        """Float32 logits (B, T, vocab), or of the last `logits_to_keep` positions when > 0.
+        """Float32 logits (B, T, vocab), or of the last `logits_to_keep` positions when > 0, or of
+        the columns `logits_positions` when given (a packed prefill's last token of each chunk).
 
         With a cache: the T new tokens take slots [cache.length, cache.length + T), attend to slots
         [0, cache.length + T) causally by slot and where attention_mask (B, cache.length + T) is 1,
@@ -152,7 +154,9 @@ class Phi3VForCausalLM(nn.Module):
         hidden = self.language_model(embeds, positions, attention_mask, cache)  # (B, T, hidden)
         if cache is not None and not paged:
             cache.advance(num_new)
-        if logits_to_keep > 0:
+        if logits_positions is not None:
+            hidden = hidden[:, torch.tensor(logits_positions, device=hidden.device)]
+        elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return linear(hidden, self.lm_head.weight).float()
 

@@ -82,6 +82,12 @@ class ServerMetrics:
         lines += metric("phivision_engine_steps_total", "counter", "Engine steps run.", engine.stats.steps)
         lines += metric("phivision_image_cache_hits_total", "counter", "Images whose features came from the cache.", cache.hits)
         lines += metric("phivision_image_cache_misses_total", "counter", "Images run through the vision tower.", cache.misses)
+        lines += ["# HELP phivision_engine_seconds_total Engine thread time by phase (prepare: images and prompts).",
+                  "# TYPE phivision_engine_seconds_total counter"]
+        lines += [f'phivision_engine_seconds_total{{phase="{k}"}} {round(v, 6)}' for k, v in stats["time_s"].items()]
+        lines += ["# HELP phivision_engine_steps_by_kind_total Engine steps by kind.",
+                  "# TYPE phivision_engine_steps_by_kind_total counter"]
+        lines += [f'phivision_engine_steps_by_kind_total{{kind="{k}"}} {v}' for k, v in stats["steps"].items()]
         device = next(engine.engine.model.parameters()).device
         if device.type == "cuda":
             import torch

@@ -75,8 +75,9 @@ def test_repeated_prompt_hits_the_prefix_cache(model, processor, tiny_manifest, 
     engine = _engine(model, processor)
     first = _run(engine, [case], processor_golden)[0]
     starts = []
-    prefill = engine.runner.prefill
-    monkeypatch.setattr(engine.runner, "prefill", lambda ids, start, *a: starts.append(start) or prefill(ids, start, *a))
+    prefill_many = engine.runner.prefill_many
+    monkeypatch.setattr(engine.runner, "prefill_many",
+                        lambda chunks, long_rope: starts.extend(c.start for c in chunks) or prefill_many(chunks, long_rope))
     second = _run(engine, [case], processor_golden)[0]
     assert first == second == case["expected"]["greedy_new_tokens"]
     # Only the last partial block of the 769-token prompt was computed again; the image came from the cache.

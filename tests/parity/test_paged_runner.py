@@ -74,3 +74,29 @@ def test_write_and_reference_decode_round_trip():
     values = qkv[:, (heads + kv_heads) * dim :].view(5, kv_heads, dim).repeat_interleave(2, dim=1).transpose(0, 1)
     expected = ((q @ keys.transpose(1, 2)) / dim**0.5).softmax(-1) @ values
     assert torch.allclose(out.view(heads, dim), expected.view(heads, dim), atol=1e-6)
+
+
+def test_packed_prefill_of_several_sequences_matches_each_alone(model, tiny_checkpoint, tiny_manifest, processor_golden):
+    """Chunks of three sequences in one packed forward: two with their own image 1 (renumbered
+    inside the pack), one continuing from cached blocks; each chunk's last logits as if alone."""
+    from phivision.generation.runner import PrefillChunk
+
+    cases = {c["id"]: c for c in tiny_manifest["cases"]}
+    proc = Processor.from_pretrained(str(tiny_checkpoint), num_crops=4)
+    image_case = cases["one_image_nc4"]
+    inputs = proc(image_case["prompt"], [str(processor_golden / image_case["images"][0])])
+    features = model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+    other = [f * 0.5 for f in features]  # a "different image" of the same size
+    ids = image_case["expected"]["input_ids"]
+    text = [1, 32010, 29871, 13] + list(range(500, 570))  # 74 tokens
+    runner = ModelRunner(model, RunnerConfig(num_blocks=200, block_size=16, max_num_seqs=4, max_model_len=1024))
+    free = list(range(199, 0, -1))
+    tables = [[free.pop() for _ in range(-(-len(s) // 16))] for s in (ids, ids, text)]
+    # Every sequence here is over the tiny model's 64-token switch point: long factors throughout.
+    runner.prefill(text[:32], 0, tables[2], None, True)  # the text sequence's first 32 tokens are cached already
+    packed = runner.prefill_many([PrefillChunk(ids, 0, tables[0], features), PrefillChunk(ids, 0, tables[1], other),
+                                  PrefillChunk(text[32:], 32, tables[2], None)], long_rope=True)
+    for row, (seq, feats) in enumerate([(ids, features), (ids, other), (text, None)]):
+        alone = model(torch.tensor([seq]), image_features=feats)[0, -1]
+        assert torch.allclose(packed[row], alone, atol=1e-4), (row, (packed[row] - alone).abs().max())
+    assert not torch.allclose(packed[0], packed[1], atol=1e-3)  # the two images really were told apart
