@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from .common import UsageError, check_device, model_name, notice, positive_int, probability
@@ -12,7 +11,6 @@ from .common import UsageError, check_device, model_name, notice, positive_int, 
 API_KEY_ENV = "PHIVISION_API_KEY"
 GPU_MAX_NUM_SEQS = 64
 CPU_MAX_NUM_SEQS = 8
-ENGINE_SWITCH_INTERVAL_S = 0.0005
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -62,32 +60,39 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queued < 0:
         raise UsageError("--max-queued must be >= 0")
 
-    import torch
-
     from .. import api
-    from ..generation.engine import Engine, EngineConfig
+    from ..generation.engine import EngineConfig
     from ..processing.prompt import Processor
     from ..server.app import ServerSettings, create_app
+    from ..server.async_engine import AsyncEngine, EngineSpec
     from ..server.media import ImagePolicy
-    from ..weights import load_model
 
     model = model_name(args)
     device = args.device or api.default_device()
-    dtype = api.parse_dtype(args.dtype) or api.default_dtype(device)
+    dtype = args.dtype or {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(api.default_dtype(device)), "fp32")
     on_gpu = device.startswith("cuda")
-    notice(args, f"loading {model} on {device} ({str(dtype).removeprefix('torch.')})")
+    # The server process keeps the checkpoint's tokenizer and template (checks, token counts, text);
+    # the engine process loads the weights.
     processor = Processor.from_pretrained(model, allow_urls=args.allow_urls)
-    network = load_model(model, device=device, dtype=dtype, progress=not args.quiet)
     max_len = args.max_model_len
-    if not on_gpu and max_len is None:
-        max_len = min(network.config.text.max_position_embeddings, api.CPU_MAX_MODEL_LEN)
-    max_num_seqs = args.max_num_seqs or (GPU_MAX_NUM_SEQS if on_gpu else CPU_MAX_NUM_SEQS)
     kv_tokens = args.kv_cache_tokens
-    if kv_tokens is None and not on_gpu:
-        kv_tokens = max_len * 2  # CPU memory is shared with everything else: room for two long requests
-    engine = Engine(network, processor, EngineConfig(
-        max_num_seqs=max_num_seqs, max_model_len=max_len, kv_cache_tokens=kv_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization, use_cuda_graphs=not args.no_cuda_graphs))
+    if not on_gpu:
+        from ..config import ModelConfig
+        from ..hub import resolve_checkpoint
+
+        folder = resolve_checkpoint(model, allow_patterns=["config.json"], required=["config.json"])
+        context = ModelConfig.from_file(folder).text.max_position_embeddings
+        max_len = max_len or min(context, api.CPU_MAX_MODEL_LEN)
+        kv_tokens = kv_tokens or max_len * 2  # CPU memory is shared with everything else: room for two long requests
+    max_num_seqs = args.max_num_seqs or (GPU_MAX_NUM_SEQS if on_gpu else CPU_MAX_NUM_SEQS)
+    spec = EngineSpec(model=model, device=device, dtype=dtype, allow_urls=args.allow_urls, progress=not args.quiet,
+                      engine_config=EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len, kv_cache_tokens=kv_tokens,
+                                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                                 use_cuda_graphs=not args.no_cuda_graphs))
+    notice(args, f"loading {model} on {device} ({dtype}) in the engine process")
+    engine = AsyncEngine(spec)
+    info = engine.start()
+    stats = engine.stats
     settings = ServerSettings(
         model_name=args.served_model_name or model,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
@@ -98,14 +103,10 @@ def run(args: argparse.Namespace) -> int:
                                  max_image_bytes=int(args.max_image_mb * 2**20)),
         graceful_shutdown_s=args.drain_timeout,
     )
-    app = create_app(engine, settings)
-    # The engine thread and the event loop share the GIL: after each GPU step the engine thread
-    # must get it back at once, not after the default 5 ms switch interval of a busy event loop.
-    sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
-    stats = engine.stats()
-    notice(args, f"engine ready: {stats['kv_blocks_total'] * engine.config.block_size:,} KV tokens, "
-                 f"{max_num_seqs} requests at once, context {engine.max_model_len:,}"
-                 + (f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB on the GPU" if on_gpu else ""))
+    app = create_app(engine, processor, settings)
+    notice(args, f"engine ready: {stats['kv_blocks_total'] * info['block_size']:,} KV tokens, "
+                 f"{max_num_seqs} requests at once, context {info['max_model_len']:,}"
+                 + (f", {stats['gpu_memory_allocated'] / 2**30:.1f} GiB on the GPU" if "gpu_memory_allocated" in stats else ""))
     notice(args, f"serving {settings.model_name!r} on http://{args.host}:{args.port}  (chat page at /, API at /v1)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                 timeout_graceful_shutdown=int(args.drain_timeout))

@@ -76,6 +76,7 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None  # "stop", "length" or "abort"
     error: str | None = None
+    cached_prompt_tokens: int | None = None  # on a request's first token: prompt tokens the prefix cache supplied
 
 
 @dataclass
@@ -315,7 +316,10 @@ class Engine:
                 continue  # a prefill chunk that is not the last, or a request aborted since scheduling
             self.num_generated_tokens += 1
             done = id(seq) in finished
-            outputs.append(StepOutput(seq.request_id, token, done, seq.finish_reason if done else None))
+            first = seq.num_generated == 1
+            outputs.append(StepOutput(seq.request_id, token, done, seq.finish_reason if done else None,
+                                      cached_prompt_tokens=(self._requests[seq.request_id].cached_prompt_tokens or 0)
+                                      if first else None))
             if done:
                 self._requests.pop(seq.request_id, None)
         return outputs

@@ -1,11 +1,14 @@
 """The HTTP server: OpenAI's chat-completions API, a chat page, health and Prometheus metrics.
 
-    app = create_app(engine, ServerSettings(model_name="phi-3.5-vision"))
+    engine = AsyncEngine(EngineSpec(model="microsoft/Phi-3.5-vision-instruct", device="cuda", dtype="bf16",
+                                    engine_config=EngineConfig(max_num_seqs=64)))
+    engine.start()                                   # the engine process loads the model
+    app = create_app(engine, Processor.from_pretrained(...), ServerSettings(model_name="phi-3.5-vision"))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 A request goes: body read within the size limit -> JSON -> fields validated -> images read under
 the image policy and the prompt tokenised (in a worker thread, so the event loop keeps streaming
-other answers) -> context checked -> queued on the engine thread -> tokens streamed back. Every
+other answers) -> context checked -> sent to the engine process -> tokens streamed back. Every
 refusal is an OpenAI-style error body with a status that names the kind of problem.
 """
 
@@ -30,10 +33,10 @@ from starlette.concurrency import run_in_threadpool
 from ..api import default_num_crops
 from ..errors import PhiVisionError
 from ..generation.detokenize import RequestText
-from ..generation.engine import Engine
 from ..generation.sampling import SamplingParams
 from ..processing.image import num_image_tokens_for_size
 from ..processing.prompt import tokenize_prompt
+from ..processing.prompt import Processor
 from .async_engine import CANCELLED, AsyncEngine, EngineDeadError, RequestStream
 from .media import ImagePolicy, fetch_image
 from .metrics import ServerMetrics
@@ -79,17 +82,13 @@ def _sse(body: dict[str, Any]) -> str:
 
 
 class _Server:
-    """The state behind the routes (one per app): settings, the engine thread, metrics."""
+    """The state behind the routes (one per app): settings, the engine process, metrics."""
 
-    def __init__(self, engine: Engine, settings: ServerSettings):
-        if engine.processor is None:
-            raise ValueError("the server needs an engine with a processor (tokenizer and chat template)")
-        self.engine = AsyncEngine(engine)
-        self.processor = engine.processor
+    def __init__(self, engine: AsyncEngine, processor: Processor, settings: ServerSettings):
+        self.engine = engine
+        self.processor = processor  # the same checkpoint's tokenizer and template, for checks and text
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.max_model_len = engine.max_model_len
-        self.capacity = engine.config.max_num_seqs + settings.max_queued
         self.draining = False
         self._image_pool = ThreadPoolExecutor(8, thread_name_prefix="phivision-images")
 
@@ -194,7 +193,7 @@ class _Server:
     async def tokens(self, prepared: _Prepared, stream: RequestStream, started: float) -> AsyncIterator[tuple[str, str | None]]:
         """(text piece, finish reason or None) as tokens come; the last item carries the finish reason."""
         params = prepared.params
-        stop_ids = self.engine.engine.scheduler.config.default_stop_token_ids
+        stop_ids = self.engine.info["default_stop_token_ids"]
         text = RequestText(self.processor.tokenizer, params.stop, stop_ids, params.ignore_eos)
         first = True
         try:
@@ -223,12 +222,19 @@ class _Server:
             if not stream.finished:
                 self.engine.abort(stream.request_id)  # the client left or an error: free the KV blocks now
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.info["max_model_len"]
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.info["max_num_seqs"] + self.settings.max_queued
+
     def usage(self, prepared: _Prepared, stream: RequestStream, completion_tokens: int) -> dict[str, Any]:
-        cached = stream.state.cached_prompt_tokens if stream.state is not None else 0
-        return usage_body(prepared.prompt_tokens, completion_tokens, cached or 0)
+        return usage_body(prepared.prompt_tokens, completion_tokens, stream.info.cached_prompt_tokens)
 
     def completion_tokens(self, stream: RequestStream) -> int:
-        return stream.state.seq.num_generated if stream.state is not None else 0
+        return stream.info.completion_tokens
 
 
 async def _watch_disconnect(request: Request, server: _Server, stream: RequestStream) -> None:
@@ -241,18 +247,20 @@ async def _watch_disconnect(request: Request, server: _Server, stream: RequestSt
             return
 
 
-def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
-    server = _Server(engine, settings)
+def create_app(engine: AsyncEngine, processor: Processor, settings: ServerSettings) -> FastAPI:
+    """The app around an engine process (started here if the caller has not started it)."""
+    server = _Server(engine, processor, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.engine.start()
+        if not engine.info:
+            await run_in_threadpool(engine.start)
         try:
             yield
         finally:
             # uvicorn has already waited for open requests to finish (graceful shutdown).
             server.draining = True
-            await run_in_threadpool(server.engine.shutdown)
+            await run_in_threadpool(engine.shutdown)
             server._image_pool.shutdown(wait=False)
 
     app = FastAPI(title="phivision", lifespan=lifespan, docs_url="/docs", redoc_url=None)

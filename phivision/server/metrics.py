@@ -57,45 +57,45 @@ class ServerMetrics:
             self.completion_tokens += tokens
 
     def render(self, engine: AsyncEngine) -> str:
-        stats = engine.engine.stats()
-        cache = engine.engine.image_cache
+        stats, counters = engine.stats, engine.counters
 
         def metric(name: str, kind: str, help_text: str, value: float | int) -> list[str]:
             return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
 
+        waiting, running = stats.get("waiting", 0), stats.get("running", 0)
         lines: list[str] = []
+        # Requests on their way to the engine count as waiting too.
         lines += metric("phivision_requests_waiting", "gauge", "Requests waiting for admission (KV memory or a batch slot).",
-                        stats["waiting"] + max(0, engine.num_unfinished - stats["waiting"] - stats["running"]))
-        lines += metric("phivision_requests_running", "gauge", "Requests being prefilled or decoded.", stats["running"])
+                        waiting + max(0, engine.num_unfinished - waiting - running))
+        lines += metric("phivision_requests_running", "gauge", "Requests being prefilled or decoded.", running)
         lines += metric("phivision_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks held by requests.",
-                        round(stats["kv_usage"], 6))
-        lines += metric("phivision_kv_blocks_total", "gauge", "Usable KV cache blocks.", stats["kv_blocks_total"])
+                        round(stats.get("kv_usage", 0.0), 6))
+        lines += metric("phivision_kv_blocks_total", "gauge", "Usable KV cache blocks.", stats.get("kv_blocks_total", 0))
         lines += metric("phivision_kv_blocks_free", "gauge", "KV cache blocks free (prefix-cached ones included).",
-                        stats["kv_blocks_free"])
+                        stats.get("kv_blocks_free", 0))
         lines += metric("phivision_generation_tokens_per_second", "gauge",
                         "Tokens generated per second over the last 10 seconds.", round(engine.tokens_per_second(), 3))
-        lines += metric("phivision_generation_tokens_total", "counter", "Tokens generated.", stats["generated_tokens"])
-        lines += metric("phivision_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.",
-                        engine.stats.prompt_tokens)
+        lines += metric("phivision_generation_tokens_total", "counter", "Tokens generated.", stats.get("generated_tokens", 0))
+        lines += metric("phivision_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", counters.prompt_tokens)
         lines += metric("phivision_requests_aborted_total", "counter", "Requests cancelled (client gone or stop string).",
-                        engine.stats.requests_aborted)
-        lines += metric("phivision_engine_steps_total", "counter", "Engine steps run.", engine.stats.steps)
-        lines += metric("phivision_image_cache_hits_total", "counter", "Images whose features came from the cache.", cache.hits)
-        lines += metric("phivision_image_cache_misses_total", "counter", "Images run through the vision tower.", cache.misses)
-        lines += ["# HELP phivision_engine_seconds_total Engine thread time by phase (prepare: images and prompts).",
+                        counters.requests_aborted)
+        steps = stats.get("steps", {})
+        lines += metric("phivision_engine_steps_total", "counter", "Engine steps run.", sum(steps.values()))
+        lines += metric("phivision_image_cache_hits_total", "counter", "Images whose features came from the cache.",
+                        stats.get("image_cache_hits", 0))
+        lines += metric("phivision_image_cache_misses_total", "counter", "Images run through the vision tower.",
+                        stats.get("image_cache_misses", 0))
+        lines += ["# HELP phivision_engine_seconds_total Engine time by phase (prepare: images and prompts).",
                   "# TYPE phivision_engine_seconds_total counter"]
-        lines += [f'phivision_engine_seconds_total{{phase="{k}"}} {round(v, 6)}' for k, v in stats["time_s"].items()]
+        lines += [f'phivision_engine_seconds_total{{phase="{k}"}} {round(v, 6)}' for k, v in stats.get("time_s", {}).items()]
         lines += ["# HELP phivision_engine_steps_by_kind_total Engine steps by kind.",
                   "# TYPE phivision_engine_steps_by_kind_total counter"]
-        lines += [f'phivision_engine_steps_by_kind_total{{kind="{k}"}} {v}' for k, v in stats["steps"].items()]
-        device = next(engine.engine.model.parameters()).device
-        if device.type == "cuda":
-            import torch
-
+        lines += [f'phivision_engine_steps_by_kind_total{{kind="{k}"}} {v}' for k, v in steps.items()]
+        if "gpu_memory_peak" in stats:
             lines += metric("phivision_gpu_memory_allocated_bytes", "gauge", "GPU memory held by tensors now.",
-                            torch.cuda.memory_allocated(device))
+                            stats["gpu_memory_allocated"])
             lines += metric("phivision_gpu_memory_peak_bytes", "gauge", "Most GPU memory held by tensors since start.",
-                            torch.cuda.max_memory_allocated(device))
+                            stats["gpu_memory_peak"])
         with self._lock:
             lines += ["# HELP phivision_http_responses_total Chat completion responses by HTTP status.",
                       "# TYPE phivision_http_responses_total counter"]
