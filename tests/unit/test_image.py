@@ -258,7 +258,9 @@ def test_device_path_equals_cpu_path():
     from phivision.processing.image import _preprocess_images_on
 
     rng = np.random.default_rng(7)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 451), (720, 1280), (50, 40))]
+    # Two pairs of same-sized images (processed as batches) among others.
+    shapes = ((300, 451), (720, 1280), (300, 451), (50, 40), (720, 1280))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
     expected = preprocess_images(images, 4)
     got = _preprocess_images_on(images, 4, torch.device("cpu"))
     assert torch.equal(got.pixel_values, expected.pixel_values)
