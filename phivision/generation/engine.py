@@ -67,6 +67,7 @@ class PromptRequest:
     params: SamplingParams
     num_crops: int | None = None  # default: the processor's
     request_id: str | None = None
+    image_keys: Ids[str] | None = None  # image_key(image, num_crops) per image, if the caller has them already
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ class Engine:
             batches.append((crops, batch))
         for crops, group in batches:
             images = [image for item in group for image in item[2]]
-            features, keys, crops_run = encode_images(self.model, images, crops, cache)
+            given = [key for item in group for key in (item[1].image_keys or [None] * len(item[2]))]
+            features, keys, crops_run = encode_images(self.model, images, crops, cache, given)
             offset = 0
             for index, request, loaded, ids, _, load_s in group:
                 mine = slice(offset, offset + len(loaded))

@@ -51,11 +51,14 @@ class ImageFeatureCache:
 
 
 def encode_images(
-    model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None
+    model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None,
+    keys: Sequence[str | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[str], int]:
     """Features per image (running the tower once per distinct image not in `cache`), their keys,
-    and how many crops went through the tower."""
-    keys = [image_key(image, num_crops) for image in images]
+    and how many crops went through the tower. `keys` may bring image_key values computed
+    elsewhere (None entries are computed here)."""
+    given = list(keys) if keys is not None else [None] * len(images)
+    keys = [key if key is not None else image_key(image, num_crops) for image, key in zip(images, given)]
     found: dict[str, torch.Tensor | None] = {key: (cache.get(key) if cache is not None else None) for key in dict.fromkeys(keys)}
     missing = [key for key, value in found.items() if value is None]
     num_crops_run = 0

@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from ..api import default_num_crops
 from ..errors import PhiVisionError
 from ..generation.detokenize import RequestText
+from ..generation.image_cache import image_key
 from ..generation.sampling import SamplingParams
 from ..processing.image import num_image_tokens_for_size
 from ..processing.prompt import tokenize_prompt
@@ -71,6 +72,7 @@ class _Prepared:
     num_crops: int
     params: SamplingParams
     prompt_tokens: int
+    image_keys: list[str]
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -153,6 +155,8 @@ class _Server:
     def prepare(self, req: ChatCompletionRequest) -> _Prepared:
         prompt, images, num_crops = self.load_request_images(req.template_messages(), req.num_crops)
         prompt_tokens, _ = self.count_prompt(prompt, images, num_crops)
+        # Content hashes for the engine's feature cache, here where threads run in parallel.
+        keys = list(self._image_pool.map(lambda image: image_key(image, num_crops), images))
         room = self.max_model_len - prompt_tokens
         max_tokens = req.requested_max_tokens if req.requested_max_tokens is not None else room
         if prompt_tokens + max_tokens > self.max_model_len or room < 1:
@@ -168,7 +172,7 @@ class _Server:
             stop=tuple(req.stop or ()),
             ignore_eos=req.ignore_eos,
         )
-        return _Prepared(prompt, images, num_crops, params, prompt_tokens)
+        return _Prepared(prompt, images, num_crops, params, prompt_tokens, keys)
 
     # -------------------------------------------------------------- generation
 
@@ -180,7 +184,8 @@ class _Server:
             raise APIError(503, f"the server is at capacity ({self.capacity} requests queued or running); retry later",
                            type="server_error", code="queue_full", headers={"Retry-After": "1"})
         try:
-            stream = self.engine.submit(prepared.prompt, prepared.images, prepared.params, prepared.num_crops)
+            stream = self.engine.submit(prepared.prompt, prepared.images, prepared.params, prepared.num_crops,
+                                        prepared.image_keys)
             await stream.accepted()
         except EngineDeadError as exc:
             raise APIError(503, str(exc), type="server_error", code="engine_stopped") from exc

@@ -169,7 +169,8 @@ class AsyncEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
-    def submit(self, prompt: str, images: Sequence[Any], params: SamplingParams, num_crops: int) -> RequestStream:
+    def submit(self, prompt: str, images: Sequence[Any], params: SamplingParams, num_crops: int,
+               image_keys: Sequence[str] | None = None) -> RequestStream:
         """Queues a request; await `stream.accepted()` for the engine's verdict, then read `stream.outputs()`."""
         if not self.alive:
             raise EngineDeadError(f"the engine has stopped: {self._dead or 'not started'}")
@@ -177,7 +178,8 @@ class AsyncEngine:
         stream = RequestStream(f"req-{self._ids}", asyncio.get_running_loop())
         with self._lock:
             self._streams[stream.request_id] = stream
-        self._outbox.put(("add", [(stream.request_id, prompt, list(images), params, num_crops)]))
+        self._outbox.put(("add", [(stream.request_id, prompt, list(images), params, num_crops,
+                                   list(image_keys) if image_keys is not None else None)]))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -369,8 +371,8 @@ def _serve(engine, commands, events) -> None:
             if kind == "stop":
                 return
             if kind == "add":
-                requests = [PromptRequest(prompt, images, params, crops, request_id)
-                            for request_id, prompt, images, params, crops in command[1]]
+                requests = [PromptRequest(prompt, images, params, crops, request_id, keys)
+                            for request_id, prompt, images, params, crops, keys in command[1]]
                 try:
                     results: list[Any] = engine.add_prompts(requests)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the vision tower

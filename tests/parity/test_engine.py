@@ -112,7 +112,8 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     calls = []
     real_encode = engine_module.encode_images
     monkeypatch.setattr(engine_module, "encode_images",
-                        lambda model, images, crops, cache: calls.append((len(images), crops)) or real_encode(model, images, crops, cache))
+                        lambda model, images, crops, cache, keys=None: calls.append((len(images), crops))
+                        or real_encode(model, images, crops, cache, keys))
     engine = _engine(model, processor)
     cases = [c for c in tiny_manifest["cases"] if c["images"]]
     requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
