@@ -9,11 +9,13 @@ batch 1 is simply the smallest graph.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels.paged_attention import decode_splits
 from .kv_cache import PagedBatch, PagedKVCache
@@ -169,12 +171,22 @@ class ModelRunner:
             start=chunks[0].start,
             segments=segments,
         )
-        logits = self.model(torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True),
-                            positions=torch.tensor([positions], dtype=torch.long).to(self.device, non_blocking=True),
-                            cache=cache, image_features=features if has_images else None,
-                            logits_positions=[offset + length - 1 for offset, length, _ in segments],
-                            has_images=has_images)
+        with self._prefill_attention():
+            logits = self.model(torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True),
+                                positions=torch.tensor([positions], dtype=torch.long).to(self.device, non_blocking=True),
+                                cache=cache, image_features=features if has_images else None,
+                                logits_positions=[offset + length - 1 for offset, length, _ in segments],
+                                has_images=has_images)
         return logits[0]  # (S, V)
+
+    def _prefill_attention(self):
+        """On CUDA, prefill attention uses the flash / memory-efficient SDPA kernels, not cuDNN's:
+        cuDNN builds an execution plan for every new (query, key) length, and a server sees a new
+        prompt length in almost every request (measured: W4 prefill steps 1.7-2.6 s in total
+        with cuDNN chosen, varying run to run with the lengths seen)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
     def _graph_for(self, batch: int) -> _DecodeGraph:
         for size in sorted(self._graphs):
