@@ -373,9 +373,10 @@ def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device:
     for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)
     for (height, width), indices in by_size.items():
-        stacked = torch.from_numpy(np.stack([canvases[i] for i in indices]))  # (n, h, w, 3) uint8
-        if device.type == "cuda":
-            stacked = stacked.pin_memory()
+        # One copy of each canvas, straight into (pinned) staging memory, then one transfer.
+        stacked = torch.empty((len(indices), height, width, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        for slot, i in enumerate(indices):
+            stacked[slot].copy_(torch.from_numpy(canvases[i]))
         hd = stacked.to(device, non_blocking=True).permute(3, 0, 1, 2).float()  # (3, n, h, w)
         hd = _normalise_(hd).transpose(0, 1)  # (n, 3, h, w) float32
         rows, cols = height // CROP_SIZE, width // CROP_SIZE

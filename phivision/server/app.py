@@ -221,7 +221,7 @@ class _Server:
                     return
                 if piece:
                     yield piece, None
-        except RuntimeError as exc:  # the engine failed mid-answer (reported by the engine thread)
+        except RuntimeError as exc:  # the engine failed mid-answer (reported by the engine process)
             raise APIError(500, str(exc), type="server_error") from exc
         finally:
             if not stream.finished:

@@ -243,9 +243,9 @@ class AsyncEngine:
                 elif kind == "aborted":
                     _, request_id, stats = message
                     self.counters.requests_aborted += 1
-                    self.stats = stats
                     with self._lock:
                         stream = self._streams.pop(request_id, None)
+                    self.stats = stats  # after the pop: a reader who sees the freed blocks also sees room
                     if stream is not None:
                         self._put(stream, StepOutput(request_id, None, True, "abort", CANCELLED))
                 elif kind == "stats":
