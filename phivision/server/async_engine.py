@@ -177,6 +177,8 @@ class AsyncEngine:
         self._ids += 1
         stream = RequestStream(f"req-{self._ids}", asyncio.get_running_loop())
         with self._lock:
+            if self._dead is not None:  # died since the check above: _mark_dead has failed every stream
+                raise EngineDeadError(f"the engine has stopped: {self._dead}")
             self._streams[stream.request_id] = stream
         self._outbox.put(("add", [(stream.request_id, prompt, list(images), params, num_crops,
                                    list(image_keys) if image_keys is not None else None)]))
@@ -290,9 +292,9 @@ class AsyncEngine:
             pass
 
     def _mark_dead(self, reason: str) -> None:
-        if self._dead is None:
-            self._dead = reason
         with self._lock:
+            if self._dead is None:
+                self._dead = reason
             streams, self._streams = self._streams, {}
         for stream in streams.values():
             self._put(stream, EngineDeadError(reason))

@@ -312,3 +312,29 @@ def test_base64_image_round_trip_matches_the_python_api(server, tiny_checkpoint)
                                                   {"type": "text", "text": "What is this?"}]}],
                     num_crops=4, max_new_tokens=10)
     assert served == local.text
+
+
+def test_a_dead_engine_ends_running_answers_and_fails_health(tiny_checkpoint, tmp_path):
+    """If the engine process dies (killed, out of memory), running streams end with an error event,
+    /health says so (503) and new requests get 503 at once, instead of hanging."""
+    import os
+    from pathlib import Path
+
+    handle = start_server(tiny_checkpoint, tmp_path)
+    children = Path(f"/proc/{handle.process.pid}/task/{handle.process.pid}/children").read_text().split()
+    engine = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(engine) == 1, children
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Keep going."}], "max_tokens": 1900,
+            "ignore_eos": True, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", handle.api + "/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data:")
+            os.kill(int(engine[0]), signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]" and "engine process exited" in rest[-2]
+        assert httpx.get(handle.url + "/health", timeout=5).status_code == 503
+        r = chat(handle, GOOD_MESSAGES, max_tokens=2, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+    finally:
+        handle.stop()
