@@ -471,6 +471,8 @@ def main() -> None:
                         help="passed through to `phivision serve` (repeatable; write --server-arg=--flag for flags)")
     parser.add_argument("--warmup", choices=("burst", "one"), default="burst",
                         help="before the clock: as many short requests of the same shape at once (default), or one")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                        help="record the server's stacks with py-spy during the measured burst (raw format, into DIR)")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
     args = parser.parse_args()
     n, new_tokens, size, num_crops = args.requests, args.new_tokens, args.image_size, args.num_crops
@@ -517,7 +519,17 @@ def main() -> None:
             use_gauge = PEAK_GAUGE in before
             poller = Poller(server, nvidia_smi=cuda and not use_gauge and shutil.which("nvidia-smi") is not None)
             poller.start()
+            spy = None
+            if args.py_spy is not None:  # sampled stacks of the server and its engine process, for the burst
+                args.py_spy.mkdir(parents=True, exist_ok=True)
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(server.process.pid), "--subprocesses", "--idle",
+                                        "--rate", "250", "--format", "raw", "-o", str(args.py_spy / "server.txt")],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                time.sleep(1.0)  # py-spy attaches
             results = asyncio.run(send_all("127.0.0.1", server.port, bodies))
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
             poller.stop_event.set()
             poller.join()
             after = server.metrics()

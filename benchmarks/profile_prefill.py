@@ -1,4 +1,4 @@
-"""Where a W4-style prefill step's time goes on the GPU (torch.profiler), engine only.
+"""Where W4-style request preparation and prefill steps spend their time (torch.profiler), engine only.
 
     python benchmarks/profile_prefill.py --model CKPT_DIR
 """
@@ -60,12 +60,32 @@ def main() -> None:
     timed_steps("1 image request", batch(200, n=1))
     from torch.profiler import ProfilerActivity, profile
 
+    # Preparation (image decoding, preprocessing, vision tower) of 32 requests at once.
+    reqs = batch(700, n=32)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.add_prompts(reqs)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"add_prompts of 32 image requests: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_ms:.1f} ms", flush=True)
+    print(events.table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    print(events.table(sort_by="cpu_time_total", row_limit=15), flush=True)
+    while engine.has_unfinished():
+        engine.step()
+
     reqs = batch(300)
     engine.add_prompts(reqs)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         engine.step()
         torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    print(f"prefill step of 10 image requests: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_ms:.1f} ms", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
     while engine.has_unfinished():

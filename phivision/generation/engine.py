@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 import math
+import os
 import time
 from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..processing.loading import load_image
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
 from .generate import default_stop_token_ids
-from .image_cache import ImageFeatureCache, encode_images
+from .image_cache import ImageFeatureCache, encode_images, image_key
 from .kv_cache import PagedKVCache
 from .runner import ModelRunner, PrefillChunk, RunnerConfig
 from .sampling import SamplingParams, make_generator, sample
@@ -40,6 +41,8 @@ from .sequence import Sequence
 # Crops one vision-tower call may take across requests (~1.5 GiB of activations in bf16 at this
 # size); a single request with more still goes in one call, as it would alone.
 MAX_VISION_BATCH_CROPS = 160
+# Threads decoding and hashing images while requests are prepared.
+MAX_PREPARE_THREADS = min(16, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,19 @@ class PromptRequest:
     num_crops: int | None = None  # default: the processor's
     request_id: str | None = None
     image_keys: Ids[str] | None = None  # image_key(image, num_crops) per image, if the caller has them already
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A request after the CPU half of preparation: decoded images, their cache keys, prompt ids."""
+
+    request: PromptRequest
+    images: list[Any]  # PIL images
+    image_keys: list[str]
+    prompt_ids: list[int]  # -g = image g's placeholders
+    num_crops: int
+    load_s: float  # decoding and hashing the images of the batch it came in
+    started: float  # perf_counter() when preparation began
 
 
 @dataclass(frozen=True)
@@ -104,10 +120,38 @@ def _pool_tokens(model: torch.nn.Module, config: EngineConfig, max_model_len: in
     device = next(model.parameters()).device
     if device.type != "cuda":
         return max_model_len * min(config.max_num_seqs, 4)
+    activations = _peak_activation_bytes(model, config)
     free, total = torch.cuda.mem_get_info(device)
-    budget = total * config.gpu_memory_utilization - (total - free) - 2 * 2**30  # 2 GiB for activations and graphs
+    # The largest forwards' peak (with a quarter more for the allocator's rounding and splitting),
+    # plus 1 GiB for the decode graphs and the sampler. Too little room here does not fail: the
+    # caching allocator frees and re-maps memory on every large step instead (measured on an H200
+    # with a fixed 2 GiB: W4 prefill steps 170 ms against 110).
+    budget = total * config.gpu_memory_utilization - (total - free) - 1.25 * activations - 2**30
     per_token = PagedKVCache.bytes_per_block(model.config, 1, next(model.parameters()).dtype)
     return max(max_model_len, int(budget // per_token))
+
+
+@torch.inference_mode()
+def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig) -> int:
+    """Peak memory of the largest forwards the engine runs, measured before the KV pool exists: a
+    full vision batch (MAX_VISION_BATCH_CROPS crops) and a full prefill step (max_num_batched_tokens)."""
+    param = next(model.parameters())
+    device = param.device
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    size = model.config.vision.image_size
+    images = max(1, MAX_VISION_BATCH_CROPS // 5)  # 2x2 tiles + the global view per image
+    pixels = torch.zeros((images, 5, 3, size, size), dtype=torch.float32, device=device)  # as preprocessing makes them
+    model.encode_images(pixels.to(param.dtype), torch.tensor([[2 * size, 2 * size]] * images, device=device))
+    del pixels
+    tokens = min(config.max_num_batched_tokens, config.max_model_len or config.max_num_batched_tokens)
+    ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
+    model(ids, positions=torch.arange(tokens, device=device)[None], logits_to_keep=1, has_images=False)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    return peak
 
 
 class Engine:
@@ -188,60 +232,106 @@ class Engine:
         Returns, per request, its id or the exception that refused it (others are unaffected).
         """
         started = time.perf_counter()
-        results: list[str | Exception | None] = [None] * len(requests)
-        prepared = []  # (index, request, loaded images, ids, crops, load time)
+        prepared = self.prepare_prompts(requests)
+        self.time_s["prepare"] += time.perf_counter() - started
+        return self.add_prepared(prepared, use_image_cache=use_image_cache)
+
+    def prepare_prompts(self, requests: Ids[PromptRequest]) -> list[PreparedPrompt | Exception]:
+        """The CPU half of adding prompts: decodes and hashes every image (all requests' images side
+        by side: PIL and hashlib release the GIL), tokenises, checks lengths.
+
+        Touches no engine state, so a server may run it on another thread while the engine steps;
+        `add_prepared` then runs the vision tower and queues the requests.
+        """
+        started = time.perf_counter()
+        results: list[PreparedPrompt | Exception | None] = [None] * len(requests)
+        crops_of = [request.num_crops if request.num_crops is not None else self.processor.num_crops for request in requests]
+        jobs = [(index, position, image) for index, request in enumerate(requests)
+                for position, image in enumerate(request.images)]
+
+        def load(job: tuple[int, int, Any]) -> tuple[Any, str | None] | Exception:
+            index, position, source = job
+            try:
+                image = load_image(source, allow_urls=self.processor.allow_urls)
+            except PhiVisionError as exc:
+                return exc
+            keys = requests[index].image_keys
+            key = keys[position] if keys is not None else image_key(image, crops_of[index])
+            return image, key
+
+        if len(jobs) > 1:
+            with ThreadPoolExecutor(min(len(jobs), MAX_PREPARE_THREADS)) as pool:
+                loaded_all = list(pool.map(load, jobs))
+        else:
+            loaded_all = [load(job) for job in jobs]
+        loaded_s = time.perf_counter() - started
+        per_request: list[list] = [[] for _ in requests]
+        for (index, _, _), item in zip(jobs, loaded_all):
+            per_request[index].append(item)
         for index, request in enumerate(requests):
             try:
-                crops = request.num_crops if request.num_crops is not None else self.processor.num_crops
-                # Decoding runs side by side (PIL releases the GIL while it decodes).
-                with ThreadPoolExecutor(max(1, min(len(request.images), 8))) as pool:
-                    loaded = list(pool.map(lambda image: load_image(image, allow_urls=self.processor.allow_urls),
-                                           request.images))
-                loaded_at = time.perf_counter()
-                num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in loaded]
+                failed = next((item for item in per_request[index] if isinstance(item, Exception)), None)
+                if failed is not None:
+                    raise failed
+                images = [image for image, _ in per_request[index]]
+                crops = crops_of[index]
+                num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in images]
                 ids = tokenize_prompt(self.tokenizer, request.prompt, num_tokens)
                 if len(ids) + request.params.max_new_tokens > self.max_model_len:
                     raise PromptError(
                         f"the prompt ({len(ids)} tokens, images included) plus max_new_tokens "
                         f"({request.params.max_new_tokens}) is over the engine's limit of {self.max_model_len} tokens"
                     )
-                prepared.append((index, request, loaded, ids, crops, loaded_at - started))
+                results[index] = PreparedPrompt(request, images, [key for _, key in per_request[index]], ids, crops,
+                                                loaded_s, started)
             except PhiVisionError as exc:
                 results[index] = exc
-        by_crops: dict[int, list] = {}
-        for item in prepared:
-            by_crops.setdefault(item[4], []).append(item)
+        return results  # type: ignore[return-value]
+
+    def add_prepared(self, prepared: Ids[PreparedPrompt | Exception], *, use_image_cache: bool = True) -> list[str | Exception]:
+        """The GPU half: runs the vision tower on the images not cached (batched per crop count, at
+        most MAX_VISION_BATCH_CROPS crops a call) and queues the requests; exceptions pass through.
+
+        Returns, per entry, the request id or the exception that refused it.
+        """
+        started = time.perf_counter()
+        results: list[str | Exception | None] = [item if isinstance(item, Exception) else None for item in prepared]
+        by_crops: dict[int, list[tuple[int, PreparedPrompt]]] = {}
+        for index, item in enumerate(prepared):
+            if not isinstance(item, Exception):
+                by_crops.setdefault(item.num_crops, []).append((index, item))
         cache = self.image_cache if use_image_cache else None
         batches = []
         for crops, group in by_crops.items():
             batch, batch_crops = [], 0
-            for item in group:
-                n = sum(rows * cols + 1 for rows, cols in (hd_grid(im.width, im.height, crops) for im in item[2]))
+            for index, item in group:
+                n = sum(rows * cols + 1 for rows, cols in (hd_grid(im.width, im.height, crops) for im in item.images))
                 if batch and batch_crops + n > MAX_VISION_BATCH_CROPS:
                     batches.append((crops, batch))
                     batch, batch_crops = [], 0
-                batch.append(item)
+                batch.append((index, item))
                 batch_crops += n
             batches.append((crops, batch))
         for crops, group in batches:
-            images = [image for item in group for image in item[2]]
-            given = [key for item in group for key in (item[1].image_keys or [None] * len(item[2]))]
+            images = [image for _, item in group for image in item.images]
+            given = [key for _, item in group for key in item.image_keys]
             features, keys, crops_run = encode_images(self.model, images, crops, cache, given)
             offset = 0
-            for index, request, loaded, ids, _, load_s in group:
-                mine = slice(offset, offset + len(loaded))
-                offset += len(loaded)
+            for index, item in group:
+                mine = slice(offset, offset + len(item.images))
+                offset += len(item.images)
                 try:
-                    request_id = self.add_request(ids, request.params, image_features=features[mine] or None,
-                                                  image_keys=keys[mine], request_id=request.request_id)
+                    request_id = self.add_request(item.prompt_ids, item.request.params, image_features=features[mine] or None,
+                                                  image_keys=keys[mine], request_id=item.request.request_id)
                 except PhiVisionError as exc:
                     results[index] = exc
                     continue
                 state = self._requests[request_id]
                 state.num_crops_run = crops_run if len(group) == 1 else 0  # per batch, not per request
-                state.prepare_s = time.perf_counter() - started
-                state.load_s = load_s
+                state.prepare_s = time.perf_counter() - item.started
+                state.load_s = item.load_s
                 results[index] = request_id
+        # The engine thread's time: a server preparing requests on another thread counts only this half.
         self.time_s["prepare"] += time.perf_counter() - started
         return results  # type: ignore[return-value]
 

@@ -21,6 +21,8 @@ from ..kernels.paged_attention import decode_splits
 from .kv_cache import PagedBatch, PagedKVCache
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+# A single prompt at least this long (from its start) keeps PyTorch's SDPA choice (cuDNN on Hopper).
+CUDNN_MIN_PREFILL_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class ModelRunner:
             start=chunks[0].start,
             segments=segments,
         )
-        with self._prefill_attention(len(chunks)):
+        with self._prefill_attention(chunks):
             logits = self.model(torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True),
                                 positions=torch.tensor([positions], dtype=torch.long).to(self.device, non_blocking=True),
                                 cache=cache, image_features=features if has_images else None,
@@ -179,13 +181,16 @@ class ModelRunner:
                                 has_images=has_images)
         return logits[0]  # (S, V)
 
-    def _prefill_attention(self, num_chunks: int):
-        """On CUDA, a packed prefill (several sequences) uses the flash / memory-efficient SDPA
-        kernels, not cuDNN's: cuDNN builds an execution plan for every new (query, key) length and
-        a loaded server sees new lengths all the time (measured on W4: prefill steps 1.7-2.6 s in
-        all with cuDNN, 1.1 s with flash). A single sequence keeps PyTorch's choice: cuDNN's kernel
-        is the faster one for one long prompt (W3's 8K-token prefill: 160 ms against 188 with flash)."""
-        if self.device.type != "cuda" or num_chunks == 1:
+    def _prefill_attention(self, chunks: Sequence[PrefillChunk]):
+        """On CUDA, prefill attention uses the flash / memory-efficient SDPA kernels, not cuDNN's:
+        cuDNN builds an execution plan for every new (query, key) length, and a server sees new
+        lengths all the time (measured on W4, H100: prefill steps 1.7-2.6 s in all with cuDNN, 1.1 s
+        with flash; on an H200, py-spy found the engine process inside those SDPA calls in 42% of its
+        samples during a W4 burst). The one exception is a single long prompt from its start, where cuDNN's kernel
+        is faster by more than a plan costs (W3's 8K-token prefill, H100: 160 ms against 188)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if len(chunks) == 1 and chunks[0].start == 0 and len(chunks[0].token_ids) >= CUDNN_MIN_PREFILL_TOKENS:
             return contextlib.nullcontext()
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 

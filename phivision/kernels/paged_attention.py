@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from . import triton_available
 
@@ -171,9 +172,11 @@ def write_kv(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot
     )
 
 
-# Tuning of the decode kernel (swept on an H100 by benchmarks/gpu_kernel_check.py): many splits at
-# batch 1, and 2 warps once the batch alone fills the GPU.
-DECODE_PROGRAMS_PER_SM = 8
+# Tuning of the decode kernel (swept on an H200 by benchmarks/sweep_decode_attention.py, see
+# benchmarks/RESULTS.md): about 24 splits at batch 1 (6 programs per SM on 132 SMs; 33 splits took
+# 28-95 us a layer over 2.5K-8K tokens of context, 24 took 25-71), and 2 warps once the batch alone
+# fills the GPU.
+DECODE_PROGRAMS_PER_SM = 6
 DECODE_MAX_SPLITS = 64
 DECODE_NUM_WARPS = None  # 4 with several splits, 2 without
 DECODE_NUM_STAGES = 2
@@ -279,6 +282,10 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     total = start + num_new
     keys = gather_kv(k_pool, block_table, total).repeat_interleave(group, dim=0)[None]  # (1, H, S, D)
     values = gather_kv(v_pool, block_table, total).repeat_interleave(group, dim=0)[None]
+    if q.is_cuda:
+        # Query i sits at position start + i: causal aligned to the last key, which the flash and
+        # memory-efficient kernels take without a materialised (T, S) mask.
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(num_new, total))
     query_pos = torch.arange(start, total, device=q.device)[:, None]
     mask = torch.arange(total, device=q.device)[None, :] <= query_pos  # (T, S)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

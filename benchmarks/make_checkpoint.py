@@ -1,0 +1,39 @@
+"""Writes a random real-shape bf16 checkpoint (with the stand-in tokenizer) for the GPU scripts.
+
+    python benchmarks/make_checkpoint.py OUT_DIR [--shared ../shared]
+
+The same checkpoint bench_latency.py and bench_serving.py write for themselves; the engine-only
+and profiling scripts (w4_engine_only.py, profile_prefill.py) take it as --model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from phivision.weights import write_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder with spec/ and tokenizer/")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    spec = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
+    ckpt = write_random_checkpoint(spec, args.out, dtype=torch.bfloat16, num_shards=2, seed=0)
+    for f in (args.shared / "tokenizer").iterdir():
+        if f.is_file():
+            shutil.copyfile(f, Path(ckpt) / f.name)
+    print(f"random real-shape bf16 checkpoint written in {time.perf_counter() - start:.1f} s: {ckpt}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
