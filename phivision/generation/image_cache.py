@@ -20,6 +20,16 @@ def image_key(image: Image.Image, num_crops: int) -> str:
     return digest.hexdigest()
 
 
+def encoded_image_key(data: bytes, num_crops: int) -> str:
+    """A content hash of an encoded image file (the same bytes always decode to the same pixels) plus
+    the crop count: what a server that has the file's bytes uses, at a fraction of hashing the
+    pixels (a 7 KB PNG instead of 1.35 MB of pixels). Never equal to an image_key."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"encoded:{num_crops}:".encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
 class ImageFeatureCache:
     """Least recently used entries go first once `max_entries` is reached."""
 

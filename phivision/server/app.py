@@ -33,13 +33,13 @@ from starlette.concurrency import run_in_threadpool
 from ..api import default_num_crops
 from ..errors import PhiVisionError
 from ..generation.detokenize import RequestText
-from ..generation.image_cache import image_key
+from ..generation.image_cache import encoded_image_key, image_key
 from ..generation.sampling import SamplingParams
 from ..processing.image import num_image_tokens_for_size
 from ..processing.prompt import tokenize_prompt
 from ..processing.prompt import Processor
 from .async_engine import CANCELLED, AsyncEngine, EngineDeadError, RequestStream
-from .media import ImagePolicy, fetch_image
+from .media import FetchedImage, ImagePolicy, fetch_image
 from .metrics import ServerMetrics
 from .protocol import (
     APIError,
@@ -68,7 +68,7 @@ class ServerSettings:
 @dataclass(frozen=True)
 class _Prepared:
     prompt: str
-    images: list[Any]
+    images: list[Any]  # what goes to the engine: the encoded bytes where the request had them, else the PIL image
     num_crops: int
     params: SamplingParams
     prompt_tokens: int
@@ -138,7 +138,7 @@ class _Server:
 
     # -------------------------------------------------------------- preparation (worker thread)
 
-    def load_request_images(self, messages: list[dict[str, Any]], num_crops: int | None) -> tuple[str, list[Any], int]:
+    def load_request_images(self, messages: list[dict[str, Any]], num_crops: int | None) -> tuple[str, list[FetchedImage], int]:
         prompt, sources = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         if len(sources) > self.settings.max_images:
             raise APIError(400, f"the conversation has {len(sources)} images; this server takes at most "
@@ -148,15 +148,17 @@ class _Server:
                                            enumerate(sources)))
         return prompt, images, num_crops if num_crops is not None else default_num_crops(len(images))
 
-    def count_prompt(self, prompt: str, images: list[Any], num_crops: int) -> tuple[int, list[int]]:
-        per_image = [num_image_tokens_for_size(image.width, image.height, num_crops) for image in images]
+    def count_prompt(self, prompt: str, images: list[FetchedImage], num_crops: int) -> tuple[int, list[int]]:
+        per_image = [num_image_tokens_for_size(f.image.width, f.image.height, num_crops) for f in images]
         return len(tokenize_prompt(self.processor.tokenizer, prompt, per_image)), per_image
 
     def prepare(self, req: ChatCompletionRequest) -> _Prepared:
         prompt, images, num_crops = self.load_request_images(req.template_messages(), req.num_crops)
         prompt_tokens, _ = self.count_prompt(prompt, images, num_crops)
-        # Content hashes for the engine's feature cache, here where threads run in parallel.
-        keys = list(self._image_pool.map(lambda image: image_key(image, num_crops), images))
+        # Content hashes for the engine's feature cache, here where threads run in parallel: of the
+        # encoded file where the request carried one (cheap), else of the pixels.
+        keys = list(self._image_pool.map(lambda f: encoded_image_key(f.data, num_crops) if f.data is not None
+                                         else image_key(f.image, num_crops), images))
         room = self.max_model_len - prompt_tokens
         max_tokens = req.requested_max_tokens if req.requested_max_tokens is not None else room
         if prompt_tokens + max_tokens > self.max_model_len or room < 1:
@@ -172,7 +174,10 @@ class _Server:
             stop=tuple(req.stop or ()),
             ignore_eos=req.ignore_eos,
         )
-        return _Prepared(prompt, images, num_crops, params, prompt_tokens, keys)
+        # The engine gets the encoded bytes where there are any (decoded again there, side by side and
+        # beside its steps): a few kilobytes through the pipe instead of every pixel.
+        payloads = [f.data if f.data is not None else f.image for f in images]
+        return _Prepared(prompt, payloads, num_crops, params, prompt_tokens, keys)
 
     # -------------------------------------------------------------- generation
 

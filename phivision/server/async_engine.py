@@ -11,9 +11,11 @@ the model, the scheduler and the KV pool, and the server process talks to it ove
     engine -> server   ("ready", info), ("accepted", id, prompt_tokens), ("refused", id, kind, message),
                        ("outputs", [(id, token, finished, reason, error, cached_tokens), ...], stats)
 
-Images cross as decoded PIL images (the server process decodes and checks them first). A sender
-thread writes commands so the event loop never blocks on a full pipe; a reader thread turns
-engine messages into items on each request's asyncio queue (one loop wake-up per step).
+Images cross as their encoded files where the request carried them (a few kilobytes, not every
+pixel; the server process has decoded and checked them already, and the engine decodes them again
+on a worker thread beside its steps), else as decoded PIL images. A sender thread writes commands
+so the event loop never blocks on a full pipe; a reader thread turns engine messages into items on
+each request's asyncio queue (one loop wake-up per step).
 """
 
 from __future__ import annotations
@@ -359,53 +361,92 @@ def _stats(engine) -> dict[str, Any]:
 
 
 def _serve(engine, commands, events) -> None:
+    """The engine process's loop: take commands, queue prepared requests, step.
+
+    New requests are prepared (images decoded and hashed, prompts tokenised: CPU work) on a worker
+    thread while the loop keeps stepping the running ones; once ready they are queued in arrival
+    order, with their vision-tower work, between two steps.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as wait_for
+
     from ..generation.engine import PromptRequest
 
-    while True:
-        # Block while idle; between steps take whatever has arrived.
-        received = []
-        if commands.poll(None if not engine.has_unfinished() else 0):
-            received.append(commands.recv())
-            while commands.poll(0):
+    preparing: collections.deque = collections.deque()  # (future of prepare_prompts, its requests), oldest first
+    cancelled: set[str] = set()  # aborted while still being prepared
+    with ThreadPoolExecutor(1, thread_name_prefix="phivision-prepare") as preparer:
+        while True:
+            if preparing and not engine.has_unfinished():
+                wait_for([preparing[0][0]])  # nothing to step until the oldest preparation is done
+            # Block while idle; otherwise take whatever has arrived.
+            received = []
+            if commands.poll(None if not (engine.has_unfinished() or preparing) else 0):
                 received.append(commands.recv())
-        for command in received:
-            kind = command[0]
-            if kind == "stop":
-                return
-            if kind == "add":
-                requests = [PromptRequest(prompt, images, params, crops, request_id, keys)
-                            for request_id, prompt, images, params, crops, keys in command[1]]
-                try:
-                    results: list[Any] = engine.add_prompts(requests)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the vision tower
-                    traceback.print_exc()
-                    results = [RuntimeError(f"could not start the request: {exc}")] * len(requests)
-                for request, result in zip(requests, results):
-                    if isinstance(result, PhiVisionError):
-                        events.send(("refused", request.request_id, "input", str(result)))
-                    elif isinstance(result, BaseException):
-                        events.send(("refused", request.request_id, "internal", str(result)))
-                    else:
-                        events.send(("accepted", result, engine.request_info(result).num_prompt_tokens))
-            elif kind == "abort":
-                request_id = command[1]
-                if engine.abort(request_id):
-                    events.send(("aborted", request_id, _stats(engine)))
-        if not engine.has_unfinished():
-            events.send(("stats", _stats(engine)))
-            continue
+                while commands.poll(0):
+                    received.append(commands.recv())
+            for command in received:
+                kind = command[0]
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    requests = [PromptRequest(prompt, images, params, crops, request_id, keys)
+                                for request_id, prompt, images, params, crops, keys in command[1]]
+                    preparing.append((preparer.submit(engine.prepare_prompts, requests), requests))
+                elif kind == "abort":
+                    request_id = command[1]
+                    if engine.abort(request_id):
+                        events.send(("aborted", request_id, _stats(engine)))
+                    elif any(request.request_id == request_id for _, requests in preparing for request in requests):
+                        cancelled.add(request_id)
+            ready = []
+            while preparing and preparing[0][0].done():
+                ready.append(preparing.popleft())
+            if ready:
+                _add_prepared(engine, ready, cancelled, events)
+            if not engine.has_unfinished():
+                events.send(("stats", _stats(engine)))
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # noqa: BLE001
+                # A failed step leaves no trustworthy state for its requests: end them all with the
+                # error, free their blocks, and keep serving new requests.
+                traceback.print_exc()
+                ended = [rid for rid in list(engine._requests)]
+                for request_id in ended:
+                    engine.abort(request_id)
+                events.send(("outputs", [(rid, None, True, "abort", f"the engine failed while generating: {exc}", None)
+                                         for rid in ended], _stats(engine)))
+                continue
+            packed = [(out.request_id, out.token_id, out.finished, out.finish_reason, out.error, out.cached_prompt_tokens)
+                      for out in outputs]
+            events.send(("outputs", packed, _stats(engine)))
+
+
+def _add_prepared(engine, ready: list, cancelled: set[str], events) -> None:
+    """Queues prepared requests (one vision-tower batch per crop count) and reports each verdict;
+    a request aborted while it was being prepared is accepted and aborted at once, the sequence
+    the server knows for a request cancelled right after it started."""
+    requests, prepared = [], []
+    for future, batch in ready:
+        requests.extend(batch)
         try:
-            outputs = engine.step()
-        except Exception as exc:  # noqa: BLE001
-            # A failed step leaves no trustworthy state for its requests: end them all with the
-            # error, free their blocks, and keep serving new requests.
+            prepared.extend(future.result())
+        except Exception as exc:  # noqa: BLE001 - a bug in preparation: refuse its requests, keep serving
             traceback.print_exc()
-            ended = [rid for rid in list(engine._requests)]
-            for request_id in ended:
-                engine.abort(request_id)
-            events.send(("outputs", [(rid, None, True, "abort", f"the engine failed while generating: {exc}", None)
-                                     for rid in ended], _stats(engine)))
-            continue
-        packed = [(out.request_id, out.token_id, out.finished, out.finish_reason, out.error, out.cached_prompt_tokens)
-                  for out in outputs]
-        events.send(("outputs", packed, _stats(engine)))
+            prepared.extend([RuntimeError(f"could not prepare the request: {exc}")] * len(batch))
+    try:
+        results: list[Any] = engine.add_prepared(prepared)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the vision tower
+        traceback.print_exc()
+        results = [RuntimeError(f"could not start the request: {exc}")] * len(requests)
+    for request, result in zip(requests, results):
+        if isinstance(result, PhiVisionError):
+            events.send(("refused", request.request_id, "input", str(result)))
+        elif isinstance(result, BaseException):
+            events.send(("refused", request.request_id, "internal", str(result)))
+        else:
+            events.send(("accepted", result, engine.request_info(result).num_prompt_tokens))
+            if result in cancelled and engine.abort(result):
+                events.send(("aborted", result, _stats(engine)))
+        cancelled.discard(request.request_id)

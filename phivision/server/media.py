@@ -66,23 +66,31 @@ def _local_path(source: str, policy: ImagePolicy, where: str) -> Path:
     return path
 
 
-def fetch_image(source: str, policy: ImagePolicy, where: str) -> Image.Image:
+@dataclass(frozen=True)
+class FetchedImage:
+    image: Image.Image  # decoded whole: corrupt or truncated data has been refused already
+    data: bytes | None  # the encoded file, when the request carried it (data: URI) or named it (local file)
+
+
+def fetch_image(source: str, policy: ImagePolicy, where: str) -> FetchedImage:
     """Reads one image part's URL under `policy`; APIError (400) for anything refused or unreadable."""
     if not isinstance(source, str) or not source:
         raise APIError(400, f"{where}: image_url.url must be a non-empty string", code="invalid_image")
     lowered = source[:16].lower()
     try:
         if lowered.startswith("data:"):
-            data: bytes | str | Path = _data_uri_bytes(source, policy, where)
+            data: bytes | str = _data_uri_bytes(source, policy, where)
         elif lowered.startswith(("http://", "https://")):
             if not policy.allow_urls:
                 raise APIError(400, f"{where}: http(s) image URLs are not allowed on this server (start it with "
                                     "--allow-urls, or send the image as a data: URI)", code="image_source_not_allowed")
             data = source
         else:
-            data = _local_path(source, policy, where)
+            data = _local_path(source, policy, where).read_bytes()
         image = load_image(data, allow_urls=policy.allow_urls, max_pixels=policy.max_image_pixels)
     except ImageLoadError as exc:
         code = "image_too_large" if "over the limit" in exc.reason else "invalid_image"
         raise APIError(400, f"{where}: {exc.reason}", code=code) from exc
-    return image
+    except OSError as exc:  # the local file vanished or is unreadable
+        raise APIError(400, f"{where}: cannot read the image file ({exc.strerror or exc})", code="invalid_image") from exc
+    return FetchedImage(image, data if isinstance(data, bytes) else None)

@@ -131,3 +131,43 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     ids = [results[0], *results[2:]]
     for case, rid in zip(cases, ids):
         assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
+
+
+def test_prepared_on_another_thread_while_stepping(model, processor, tiny_manifest, processor_golden):
+    """prepare_prompts (the CPU half) runs on a worker thread while earlier requests decode;
+    add_prepared then queues them: every request still gets its golden tokens, and a request whose
+    image cannot be read comes back as its error from the preparation, not as a failure of the batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from phivision.generation.engine import PreparedPrompt, PromptRequest
+
+    engine = _engine(model, processor)
+    cases = [c for c in tiny_manifest["cases"] if c["images"]]
+    first, rest = cases[0], cases[1:]
+    (first_id,) = engine.add_prompts([PromptRequest(first["prompt"], [str(processor_golden / p) for p in first["images"]],
+                                                    GREEDY_24, first["num_crops"])])
+    tokens = {first_id: []}
+    requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
+                for c in rest]
+    requests.append(PromptRequest("<|user|>\n<|image_1|>\nx<|end|>\n<|assistant|>\n", [b"\x89PNG broken"], GREEDY_24, 4))
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(engine.prepare_prompts, requests)
+        steps = 0
+        while engine.has_unfinished() and (steps == 0 or not future.done()):  # at least one step beside it
+            for out in engine.step():
+                if out.token_id is not None:
+                    tokens[out.request_id].append(out.token_id)
+            steps += 1
+        prepared = future.result()
+    assert all(isinstance(p, PreparedPrompt) for p in prepared[:-1])
+    assert isinstance(prepared[-1], ImageLoadError), prepared[-1]
+    results = engine.add_prepared(prepared)
+    assert results[-1] is prepared[-1]
+    tokens.update({rid: [] for rid in results[:-1]})
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens[out.request_id].append(out.token_id)
+    for case, rid in zip(cases, [first_id, *results[:-1]]):
+        assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
