@@ -13,6 +13,7 @@ Batch 1 is the smallest batch of the same path.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 import math
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..errors import PhiVisionError, PromptError
 from ..processing.image import hd_grid, num_image_tokens_for_size
@@ -30,7 +32,7 @@ from ..processing.loading import load_image
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
 from .generate import default_stop_token_ids
-from .image_cache import ImageFeatureCache, encode_images, image_key
+from .image_cache import ImageFeatureCache, encode_images, encoded_image_key, image_key
 from .kv_cache import PagedKVCache
 from .runner import ModelRunner, PrefillChunk, RunnerConfig
 from .sampling import SamplingParams, make_generator, sample
@@ -70,7 +72,7 @@ class PromptRequest:
     params: SamplingParams
     num_crops: int | None = None  # default: the processor's
     request_id: str | None = None
-    image_keys: Ids[str] | None = None  # image_key(image, num_crops) per image, if the caller has them already
+    image_keys: Ids[str | None] | None = None  # cache keys per image, if the caller has them (None: computed here)
 
 
 @dataclass(frozen=True)
@@ -120,21 +122,23 @@ def _pool_tokens(model: torch.nn.Module, config: EngineConfig, max_model_len: in
     device = next(model.parameters()).device
     if device.type != "cuda":
         return max_model_len * min(config.max_num_seqs, 4)
-    activations = _peak_activation_bytes(model, config)
+    activations = _peak_activation_bytes(model, config, max_model_len)
     free, total = torch.cuda.mem_get_info(device)
     # The largest forwards' peak (with a quarter more for the allocator's rounding and splitting),
-    # plus 1 GiB for the decode graphs and the sampler. Too little room here does not fail: the
-    # caching allocator frees and re-maps memory on every large step instead (measured on an H200
-    # with a fixed 2 GiB: W4 prefill steps 170 ms against 110).
+    # plus 1 GiB for the decode graphs and the sampler, instead of a fixed guess: the activations
+    # grow with max_num_batched_tokens and max_model_len, and a guess too small for them would
+    # leave the largest steps to fail for memory under load.
     budget = total * config.gpu_memory_utilization - (total - free) - 1.25 * activations - 2**30
     per_token = PagedKVCache.bytes_per_block(model.config, 1, next(model.parameters()).dtype)
     return max(max_model_len, int(budget // per_token))
 
 
 @torch.inference_mode()
-def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig) -> int:
+def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig, max_model_len: int) -> int:
     """Peak memory of the largest forwards the engine runs, measured before the KV pool exists: a
-    full vision batch (MAX_VISION_BATCH_CROPS crops) and a full prefill step (max_num_batched_tokens)."""
+    full vision batch (MAX_VISION_BATCH_CROPS crops) and a full prefill step (max_num_batched_tokens),
+    plus what a chunk continuing a max_model_len prompt gathers on top (its whole context's keys
+    and values, twice: gathered and repeated per head group)."""
     param = next(model.parameters())
     device = param.device
     torch.cuda.synchronize(device)
@@ -145,13 +149,15 @@ def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig) -> int:
     pixels = torch.zeros((images, 5, 3, size, size), dtype=torch.float32, device=device)  # as preprocessing makes them
     model.encode_images(pixels.to(param.dtype), torch.tensor([[2 * size, 2 * size]] * images, device=device))
     del pixels
-    tokens = min(config.max_num_batched_tokens, config.max_model_len or config.max_num_batched_tokens)
+    tokens = min(config.max_num_batched_tokens, max_model_len)
     ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
     model(ids, positions=torch.arange(tokens, device=device)[None], logits_to_keep=1, has_images=False)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     torch.cuda.empty_cache()
-    return peak
+    text = model.config.text
+    gathered = 2 * 2 * max_model_len * text.num_attention_heads * text.head_dim * param.element_size()
+    return peak + gathered
 
 
 class Engine:
@@ -256,9 +262,28 @@ class Engine:
             except PhiVisionError as exc:
                 return exc
             keys = requests[index].image_keys
-            key = keys[position] if keys is not None else image_key(image, crops_of[index])
+            if keys is not None and keys[position] is not None:
+                key = keys[position]
+            elif isinstance(source, (bytes, bytearray)) or (isinstance(source, str) and source[:5].lower() == "data:"):
+                # The encoded file is the content: hashing its bytes costs a fraction of hashing the
+                # pixels (a 1344x1344 PNG: ~0.5 MB against 5.4 MB). A path is not content (the file may
+                # change), so paths, arrays and PIL images are keyed by their pixels.
+                key = encoded_image_key(source if isinstance(source, (bytes, bytearray)) else source.encode(), crops_of[index])
+            else:
+                key = image_key(image, crops_of[index])
             return image, key
 
+        # One lazily opened PIL image given to several requests must not be decoded by two threads
+        # at once: such images are loaded here first (later loads find them decoded).
+        seen: dict[int, int] = {}
+        for _, _, source in jobs:
+            if isinstance(source, Image.Image):
+                seen[id(source)] = seen.get(id(source), 0) + 1
+        for _, _, source in jobs:
+            if isinstance(source, Image.Image) and seen.get(id(source), 0) > 1:
+                seen[id(source)] = 0
+                with contextlib.suppress(PhiVisionError):  # reported per request by the load below
+                    load_image(source)
         if len(jobs) > 1:
             with ThreadPoolExecutor(min(len(jobs), MAX_PREPARE_THREADS)) as pool:
                 loaded_all = list(pool.map(load, jobs))
@@ -292,7 +317,9 @@ class Engine:
         """The GPU half: runs the vision tower on the images not cached (batched per crop count, at
         most MAX_VISION_BATCH_CROPS crops a call) and queues the requests; exceptions pass through.
 
-        Returns, per entry, the request id or the exception that refused it.
+        Returns, per entry, the request id or the exception that refused it: a vision batch that
+        fails (out of memory, say) refuses its own requests with a RuntimeError, and the requests
+        of other batches are queued all the same.
         """
         started = time.perf_counter()
         results: list[str | Exception | None] = [item if isinstance(item, Exception) else None for item in prepared]
@@ -315,7 +342,12 @@ class Engine:
         for crops, group in batches:
             images = [image for _, item in group for image in item.images]
             given = [key for _, item in group for key in item.image_keys]
-            features, keys, crops_run = encode_images(self.model, images, crops, cache, given)
+            try:
+                features, keys, crops_run = encode_images(self.model, images, crops, cache, given)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: refuse this batch, keep the others
+                for index, _ in group:
+                    results[index] = RuntimeError(f"could not run the vision tower: {exc}")
+                continue
             offset = 0
             for index, item in group:
                 mine = slice(offset, offset + len(item.images))

@@ -374,7 +374,8 @@ def _serve(engine, commands, events) -> None:
 
     preparing: collections.deque = collections.deque()  # (future of prepare_prompts, its requests), oldest first
     cancelled: set[str] = set()  # aborted while still being prepared
-    with ThreadPoolExecutor(1, thread_name_prefix="phivision-prepare") as preparer:
+    preparer = ThreadPoolExecutor(1, thread_name_prefix="phivision-prepare")
+    try:
         while True:
             if preparing and not engine.has_unfinished():
                 wait_for([preparing[0][0]])  # nothing to step until the oldest preparation is done
@@ -421,6 +422,9 @@ def _serve(engine, commands, events) -> None:
             packed = [(out.request_id, out.token_id, out.finished, out.finish_reason, out.error, out.cached_prompt_tokens)
                       for out in outputs]
             events.send(("outputs", packed, _stats(engine)))
+    finally:
+        # Stopping (or the server gone): queued preparations are dropped, not decoded first.
+        preparer.shutdown(wait=False, cancel_futures=True)
 
 
 def _add_prepared(engine, ready: list, cancelled: set[str], events) -> None:
@@ -437,8 +441,10 @@ def _add_prepared(engine, ready: list, cancelled: set[str], events) -> None:
             prepared.extend([RuntimeError(f"could not prepare the request: {exc}")] * len(batch))
     try:
         results: list[Any] = engine.add_prepared(prepared)
-    except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the vision tower
+    except Exception as exc:  # noqa: BLE001 - a bug: refuse them all, and none may run unreported
         traceback.print_exc()
+        for request in requests:
+            engine.abort(request.request_id)
         results = [RuntimeError(f"could not start the request: {exc}")] * len(requests)
     for request, result in zip(requests, results):
         if isinstance(result, PhiVisionError):

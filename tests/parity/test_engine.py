@@ -171,3 +171,86 @@ def test_prepared_on_another_thread_while_stepping(model, processor, tiny_manife
     for case, rid in zip(cases, [first_id, *results[:-1]]):
         assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_image_keys_by_file_bytes_or_by_pixels(model, processor, tiny_manifest, processor_golden):
+    """Encoded bytes (and data: URIs) are keyed by the file, paths by the pixels (a file on disk may
+    change); a second request with the same bytes takes its features from the cache and gets the
+    same tokens as the path did."""
+    import base64
+
+    from phivision.generation.engine import PromptRequest
+    from phivision.generation.image_cache import encoded_image_key, image_key
+    from phivision.processing.loading import load_image
+
+    case = next(c for c in tiny_manifest["cases"] if c["id"] == "one_image_nc4")
+    path = processor_golden / case["images"][0]
+    data = path.read_bytes()
+    engine = _engine(model, processor)
+    by_path, by_bytes, by_uri = engine.prepare_prompts([
+        PromptRequest(case["prompt"], [str(path)], GREEDY_24, case["num_crops"]),
+        PromptRequest(case["prompt"], [data], GREEDY_24, case["num_crops"]),
+        PromptRequest(case["prompt"], ["data:image/png;base64," + base64.b64encode(data).decode()], GREEDY_24,
+                      case["num_crops"]),
+    ])
+    assert by_path.image_keys == [image_key(load_image(str(path)), case["num_crops"])]
+    assert by_bytes.image_keys == [encoded_image_key(data, case["num_crops"])]
+    assert by_uri.image_keys[0] not in (by_path.image_keys[0], by_bytes.image_keys[0])
+    first = engine.add_prepared([by_bytes])
+    second = engine.add_prepared([by_bytes])  # the same bytes again (a new request id)
+    assert engine.image_cache.hits == 1 and engine.image_cache.misses == 1
+    tokens = {first[0]: [], second[0]: []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens[out.request_id].append(out.token_id)
+    assert tokens[first[0]] == tokens[second[0]] == case["expected"]["greedy_new_tokens"]
+
+
+def test_a_failing_vision_batch_refuses_only_its_requests(model, processor, tiny_manifest, processor_golden, monkeypatch):
+    """One vision batch per crop count: when the second one fails (out of memory, say), its requests
+    are refused with the error and the first batch's requests run to their golden tokens."""
+    from phivision.generation import engine as engine_module
+    from phivision.generation.engine import PromptRequest
+
+    cases = [c for c in tiny_manifest["cases"] if c["images"]]
+    by_crops = {}
+    for c in cases:
+        by_crops.setdefault(c["num_crops"], c)
+    assert len(by_crops) >= 2, "the golden cases cover two crop counts"
+    (crops_a, case_a), (crops_b, case_b) = list(by_crops.items())[:2]
+    real_encode = engine_module.encode_images
+    calls = []
+
+    def failing_second(model, images, crops, cache, keys=None):
+        calls.append(crops)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_encode(model, images, crops, cache, keys)
+
+    monkeypatch.setattr(engine_module, "encode_images", failing_second)
+    engine = _engine(model, processor)
+    results = engine.add_prompts([PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24,
+                                                c["num_crops"]) for c in (case_a, case_b)])
+    assert isinstance(results[0], str)
+    assert isinstance(results[1], RuntimeError) and "out of memory (simulated)" in str(results[1])
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [out.token_id for out in engine.step() if out.token_id is not None and out.request_id == results[0]]
+    assert tokens == case_a["expected"]["greedy_new_tokens"]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_one_lazily_opened_image_shared_by_many_requests(model, processor, tiny_manifest, processor_golden):
+    """The same PIL image object, opened but not yet decoded, in several requests prepared together
+    (decoding runs on several threads): every request gets it, decoded once."""
+    from PIL import Image
+
+    from phivision.generation.engine import PreparedPrompt, PromptRequest
+
+    case = next(c for c in tiny_manifest["cases"] if c["id"] == "one_image_nc4")
+    lazy = Image.open(processor_golden / case["images"][0])
+    engine = _engine(model, processor)
+    prepared = engine.prepare_prompts([PromptRequest(case["prompt"], [lazy], GREEDY_24, case["num_crops"])] * 12)
+    assert all(isinstance(p, PreparedPrompt) for p in prepared), [p for p in prepared if isinstance(p, Exception)][:1]
+    assert len({p.image_keys[0] for p in prepared}) == 1
