@@ -254,3 +254,32 @@ def test_one_lazily_opened_image_shared_by_many_requests(model, processor, tiny_
     prepared = engine.prepare_prompts([PromptRequest(case["prompt"], [lazy], GREEDY_24, case["num_crops"])] * 12)
     assert all(isinstance(p, PreparedPrompt) for p in prepared), [p for p in prepared if isinstance(p, Exception)][:1]
     assert len({p.image_keys[0] for p in prepared}) == 1
+
+
+def test_peak_activation_estimate_runs_the_largest_forwards(model, monkeypatch):
+    """The KV-pool sizing's measurement (CUDA only; its memory counters faked here) runs a full
+    vision batch and a full prefill step through the model, and adds a continued chunk's gathered
+    context for the engine's max_model_len."""
+    from phivision.generation import engine as engine_module
+
+    for name, fake in [("synchronize", lambda device=None: None), ("memory_allocated", lambda device=None: 1000),
+                       ("reset_peak_memory_stats", lambda device=None: None),
+                       ("max_memory_allocated", lambda device=None: 1000 + 4321), ("empty_cache", lambda: None)]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    seen = {}
+    encode, forward = model.encode_images, model.forward
+
+    def spy_encode(pixels, sizes):
+        seen["crops"] = tuple(pixels.shape[:2])  # (images, crop slots)
+        return encode(pixels, sizes)
+
+    def spy_forward(ids, **kwargs):
+        seen["tokens"] = ids.shape[1]
+        return forward(ids, **kwargs)
+
+    monkeypatch.setattr(model, "encode_images", spy_encode)
+    monkeypatch.setattr(model, "forward", spy_forward)
+    peak = engine_module._peak_activation_bytes(model, EngineConfig(max_num_batched_tokens=96), max_model_len=80)
+    text = model.config.text
+    assert seen == {"crops": (engine_module.MAX_VISION_BATCH_CROPS // 5, 5), "tokens": 80}  # capped at max_model_len
+    assert peak == 4321 + 2 * 2 * 80 * text.num_attention_heads * text.head_dim * 4  # float32 here
