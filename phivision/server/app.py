@@ -39,7 +39,7 @@ from ..processing.image import num_image_tokens_for_size
 from ..processing.prompt import tokenize_prompt
 from ..processing.prompt import Processor
 from .async_engine import CANCELLED, AsyncEngine, EngineDeadError, RequestStream
-from .media import FetchedImage, ImagePolicy, fetch_image
+from .media import ImagePolicy, fetch_image, fetch_image_size
 from .metrics import ServerMetrics
 from .protocol import (
     APIError,
@@ -138,23 +138,27 @@ class _Server:
 
     # -------------------------------------------------------------- preparation (worker thread)
 
-    def load_request_images(self, messages: list[dict[str, Any]], num_crops: int | None) -> tuple[str, list[FetchedImage], int]:
+    def load_request_images(self, messages: list[dict[str, Any]], num_crops: int | None, *,
+                            sizes_only: bool = False) -> tuple[str, list[Any], int]:
+        """The prompt, its images (FetchedImage each; with sizes_only, only (width, height) read from
+        the headers) and the crop count."""
         prompt, sources = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         if len(sources) > self.settings.max_images:
             raise APIError(400, f"the conversation has {len(sources)} images; this server takes at most "
                                 f"{self.settings.max_images} per request", code="too_many_images")
         policy = self.settings.image_policy
-        images = list(self._image_pool.map(lambda item: fetch_image(item[1], policy, f"image {item[0] + 1}"),
+        fetch = fetch_image_size if sizes_only else fetch_image
+        images = list(self._image_pool.map(lambda item: fetch(item[1], policy, f"image {item[0] + 1}"),
                                            enumerate(sources)))
         return prompt, images, num_crops if num_crops is not None else default_num_crops(len(images))
 
-    def count_prompt(self, prompt: str, images: list[FetchedImage], num_crops: int) -> tuple[int, list[int]]:
-        per_image = [num_image_tokens_for_size(f.image.width, f.image.height, num_crops) for f in images]
+    def count_prompt(self, prompt: str, sizes: list[tuple[int, int]], num_crops: int) -> tuple[int, list[int]]:
+        per_image = [num_image_tokens_for_size(width, height, num_crops) for width, height in sizes]
         return len(tokenize_prompt(self.processor.tokenizer, prompt, per_image)), per_image
 
     def prepare(self, req: ChatCompletionRequest) -> _Prepared:
         prompt, images, num_crops = self.load_request_images(req.template_messages(), req.num_crops)
-        prompt_tokens, _ = self.count_prompt(prompt, images, num_crops)
+        prompt_tokens, _ = self.count_prompt(prompt, [f.image.size for f in images], num_crops)
         # Content hashes for the engine's feature cache, here where threads run in parallel: of the
         # encoded file where the request carried one (cheap), else of the pixels.
         keys = list(self._image_pool.map(lambda f: encoded_image_key(f.data, num_crops) if f.data is not None
@@ -334,9 +338,11 @@ def create_app(engine: AsyncEngine, processor: Processor, settings: ServerSettin
                                                         "num_crops": payload.get("num_crops")})
         except ValidationError as exc:
             raise validation_error(exc) from exc
-        prompt, images, num_crops = await run_in_threadpool(server.load_request_images, req.template_messages(),
-                                                            req.num_crops)
-        count, per_image = await run_in_threadpool(server.count_prompt, prompt, images, num_crops)
+        # Sizes from the image headers: the page asks for a count whenever an image is attached, and
+        # a large photo's header is read in microseconds where decoding it takes a tenth of a second.
+        prompt, sizes, num_crops = await run_in_threadpool(server.load_request_images, req.template_messages(),
+                                                           req.num_crops, sizes_only=True)
+        count, per_image = await run_in_threadpool(server.count_prompt, prompt, sizes, num_crops)
         return JSONResponse({"count": count, "image_tokens": per_image, "num_crops": num_crops,
                              "max_model_len": server.max_model_len})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -16,7 +17,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from ..errors import ImageLoadError
-from ..processing.loading import load_image
+from ..processing.loading import load_image, read_image_size
 from .protocol import APIError
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
@@ -73,24 +74,46 @@ class FetchedImage:
 
 
 def fetch_image(source: str, policy: ImagePolicy, where: str) -> FetchedImage:
-    """Reads one image part's URL under `policy`; APIError (400) for anything refused or unreadable."""
+    """Reads one image part's URL under `policy` and decodes it whole; APIError (400) for anything
+    refused or unreadable."""
+    data = _source_data(source, policy, where)
+    with _image_errors(where):
+        image = load_image(data, allow_urls=policy.allow_urls, max_pixels=policy.max_image_pixels)
+    return FetchedImage(image, data if isinstance(data, bytes) else None)
+
+
+def fetch_image_size(source: str, policy: ImagePolicy, where: str) -> tuple[int, int]:
+    """(width, height) of one image part from its header, under the same policy and limits as
+    fetch_image but without decoding the pixels (counting tokens needs no more); corrupt pixel data
+    past the header is found when the image is sent for an answer."""
+    data = _source_data(source, policy, where)
+    with _image_errors(where):
+        return read_image_size(data, allow_urls=policy.allow_urls, max_pixels=policy.max_image_pixels)
+
+
+def _source_data(source: str, policy: ImagePolicy, where: str) -> bytes | str:
+    """The encoded bytes of a data: URI or an allowed local file, or an allowed http(s) URL as is."""
     if not isinstance(source, str) or not source:
         raise APIError(400, f"{where}: image_url.url must be a non-empty string", code="invalid_image")
     lowered = source[:16].lower()
+    if lowered.startswith("data:"):
+        return _data_uri_bytes(source, policy, where)
+    if lowered.startswith(("http://", "https://")):
+        if not policy.allow_urls:
+            raise APIError(400, f"{where}: http(s) image URLs are not allowed on this server (start it with "
+                                "--allow-urls, or send the image as a data: URI)", code="image_source_not_allowed")
+        return source
+    path = _local_path(source, policy, where)
     try:
-        if lowered.startswith("data:"):
-            data: bytes | str = _data_uri_bytes(source, policy, where)
-        elif lowered.startswith(("http://", "https://")):
-            if not policy.allow_urls:
-                raise APIError(400, f"{where}: http(s) image URLs are not allowed on this server (start it with "
-                                    "--allow-urls, or send the image as a data: URI)", code="image_source_not_allowed")
-            data = source
-        else:
-            data = _local_path(source, policy, where).read_bytes()
-        image = load_image(data, allow_urls=policy.allow_urls, max_pixels=policy.max_image_pixels)
+        return path.read_bytes()
+    except OSError as exc:  # the file vanished or is unreadable
+        raise APIError(400, f"{where}: cannot read the image file ({exc.strerror or exc})", code="invalid_image") from exc
+
+
+@contextlib.contextmanager
+def _image_errors(where: str):
+    try:
+        yield
     except ImageLoadError as exc:
         code = "image_too_large" if "over the limit" in exc.reason else "invalid_image"
         raise APIError(400, f"{where}: {exc.reason}", code=code) from exc
-    except OSError as exc:  # the local file vanished or is unreadable
-        raise APIError(400, f"{where}: cannot read the image file ({exc.strerror or exc})", code="invalid_image") from exc
-    return FetchedImage(image, data if isinstance(data, bytes) else None)

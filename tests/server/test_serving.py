@@ -132,6 +132,25 @@ def test_tokenize_counts_what_a_completion_uses(server):
     assert counted["num_crops"] == 4 and len(counted["image_tokens"]) == 1 and counted["image_tokens"][0] > 144
 
 
+def test_tokenize_reads_headers_and_a_completion_checks_the_whole_image(server):
+    """/v1/tokenize counts from the image header (a truncated PNG still counts, as its size is known);
+    a completion decodes the whole image and refuses the same bytes; no header at all is refused by both."""
+    whole = png_bytes(200, 120, seed=9)
+    truncated = whole[: len(whole) // 2]
+    messages = [image_message("How many tokens is this?", truncated)]
+    counted = httpx.post(server.api + "/tokenize", json={"messages": messages, "num_crops": 4}, timeout=30)
+    assert counted.status_code == 200, counted.text
+    full = httpx.post(server.api + "/tokenize", json={"messages": [image_message("How many tokens is this?", whole)],
+                                                      "num_crops": 4}, timeout=30).json()
+    assert counted.json()["count"] == full["count"]
+    refused = chat(server, messages, max_tokens=2, num_crops=4)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_image", refused.text
+    garbage = [image_message("And this?", b"not an image at all")]
+    for response in (httpx.post(server.api + "/tokenize", json={"messages": garbage}, timeout=30),
+                     chat(server, garbage, max_tokens=2)):
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_image", response.text
+
+
 def test_health_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     text = httpx.get(server.url + "/metrics").text
