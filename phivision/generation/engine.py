@@ -266,8 +266,9 @@ class Engine:
                 key = keys[position]
             elif isinstance(source, (bytes, bytearray)) or (isinstance(source, str) and source[:5].lower() == "data:"):
                 # The encoded file is the content: hashing its bytes costs a fraction of hashing the
-                # pixels (a 1344x1344 PNG: ~0.5 MB against 5.4 MB). A path is not content (the file may
-                # change), so paths, arrays and PIL images are keyed by their pixels.
+                # pixels (W1's 1344x1344 PNG: 14 KB against 5.4 MB, 0.02 ms against 8.9 ms on a 2-core
+                # machine). A path is not content (the file may change), so paths, arrays and PIL
+                # images are keyed by their pixels.
                 key = encoded_image_key(source if isinstance(source, (bytes, bytearray)) else source.encode(), crops_of[index])
             else:
                 key = image_key(image, crops_of[index])

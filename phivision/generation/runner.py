@@ -185,9 +185,10 @@ class ModelRunner:
         """On CUDA, prefill attention uses the flash / memory-efficient SDPA kernels, not cuDNN's:
         cuDNN builds an execution plan for every new (query, key) length, and a server sees new
         lengths all the time (measured on W4, H100: prefill steps 1.7-2.6 s in all with cuDNN, 1.1 s
-        with flash; on an H200, py-spy found the engine process inside those SDPA calls in 42% of its
-        samples during a W4 burst). The one exception is a single long prompt from its start, where cuDNN's kernel
-        is faster by more than a plan costs (W3's 8K-token prefill, H100: 160 ms against 188)."""
+        with flash; on an H200, py-spy found the engine process inside those SDPA calls in 42% of
+        its samples during a W4 burst). The one exception is a single long prompt from its start,
+        where cuDNN's kernel is faster by more than a plan costs (W3's 8K-token prefill, H100:
+        160 ms against 188)."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         if len(chunks) == 1 and chunks[0].start == 0 and len(chunks[0].token_ids) >= CUDNN_MIN_PREFILL_TOKENS:
