@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -215,16 +216,18 @@ class ModelRunner:
         slots = [table[p // size] * size + p % size for table, p in zip(block_tables, positions)]
         pad = g.batch - batch
         width = g.block_tables.shape[1]
-        tables = torch.zeros((g.batch, width), dtype=torch.int32)
+        # Rows filled in numpy: a torch.tensor per row took ~25 us on a 2-core machine, half of a
+        # batch-64 decode step's host time (3.1 ms there, argmax on the CPU included; 1.5 after).
+        tables = np.zeros((g.batch, width), dtype=np.int32)
         for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            tables[row, : len(table)] = table
         # One host->device copy per buffer; padded rows write nowhere and read one token of block 0.
         g.input_ids.copy_(torch.tensor(list(last_tokens) + [0] * pad).view(-1, 1), non_blocking=True)
         g.positions.copy_(torch.tensor(positions + [0] * pad).view(-1, 1), non_blocking=True)
         g.slot_mapping.copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         g.context_lens.copy_(torch.tensor(list(context_lens) + [1] * pad, dtype=torch.int32), non_blocking=True)
         g.long_rope.copy_(torch.tensor([n > self.original_max for n in context_lens] + [False] * pad), non_blocking=True)
-        g.block_tables.copy_(tables, non_blocking=True)
+        g.block_tables.copy_(torch.from_numpy(tables), non_blocking=True)
         if g.graph is not None:
             g.graph.replay()
             return g.logits[:batch]
