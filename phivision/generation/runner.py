@@ -140,43 +140,52 @@ class ModelRunner:
         one per sequence), attention runs per chunk. Each chunk's image tags -g are renumbered
         -(g + images of the chunks before it) so that one concatenated feature list serves all.
         """
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        # Inputs built with numpy, per chunk rather than per token (an 8K-token step of 10 chunks:
+        # 3.7 ms of host time with Python lists on a 2-core machine, while the GPU waits).
+        size = self.config.block_size
+        ids_parts: list[np.ndarray] = []
+        position_parts: list[np.ndarray] = []
+        slot_parts: list[np.ndarray] = []
         segments: list[tuple[int, int, int]] = []
         features: list[torch.Tensor] = []
         has_images = False
+        offset = 0
         for chunk in chunks:
-            offset, shift = len(ids), len(features)
-            chunk_ids = list(chunk.token_ids)
-            if any(t < 0 for t in chunk_ids):
+            chunk_ids = np.asarray(chunk.token_ids, dtype=np.int64)
+            placeholders = chunk_ids < 0
+            if placeholders.any():
                 has_images = True
                 if not chunk.image_features:
                     raise ValueError("a prefill chunk has image placeholders but its sequence has no image features")
-                chunk_ids = [t - shift if t < 0 else t for t in chunk_ids]
+                chunk_ids = np.where(placeholders, chunk_ids - len(features), chunk_ids)
             if chunk.image_features:
                 features.extend(chunk.image_features)
-            end = chunk.start + len(chunk_ids)
-            ids.extend(chunk_ids)
-            positions.extend(range(chunk.start, end))
-            slots.extend(self.slots(chunk.block_table, chunk.start, end))
+            positions = np.arange(chunk.start, chunk.start + len(chunk_ids), dtype=np.int64)
+            table = np.asarray(chunk.block_table, dtype=np.int64)
+            ids_parts.append(chunk_ids)
+            position_parts.append(positions)
+            slot_parts.append(table[positions // size] * size + positions % size)
             segments.append((offset, len(chunk_ids), chunk.start))
+            offset += len(chunk_ids)
+        ids = torch.from_numpy(np.concatenate(ids_parts))
+        positions = torch.from_numpy(np.concatenate(position_parts))
+        slots = torch.from_numpy(np.concatenate(slot_parts))
         width = max(len(chunk.block_table) for chunk in chunks)
-        tables = torch.zeros((len(chunks), width), dtype=torch.int32)
+        tables = np.zeros((len(chunks), width), dtype=np.int32)
         for row, chunk in enumerate(chunks):
-            tables[row, : len(chunk.block_table)] = torch.tensor(list(chunk.block_table), dtype=torch.int32)
+            tables[row, : len(chunk.block_table)] = chunk.block_table
         cache = PagedBatch(
             self.pool,
             kind="prefill",
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True),
-            block_tables=tables.to(self.device, non_blocking=True),
+            slot_mapping=slots.to(self.device, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
             long_rope=torch.tensor([long_rope], device=self.device),
             start=chunks[0].start,
             segments=segments,
         )
         with self._prefill_attention(chunks):
-            logits = self.model(torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True),
-                                positions=torch.tensor([positions], dtype=torch.long).to(self.device, non_blocking=True),
+            logits = self.model(ids[None].to(self.device, non_blocking=True),
+                                positions=positions[None].to(self.device, non_blocking=True),
                                 cache=cache, image_features=features if has_images else None,
                                 logits_positions=[offset + length - 1 for offset, length, _ in segments],
                                 has_images=has_images)
