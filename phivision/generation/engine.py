@@ -13,6 +13,7 @@ Batch 1 is the smallest batch of the same path.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from ..processing.loading import load_image
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
 from .generate import default_stop_token_ids
-from .image_cache import ImageFeatureCache, encode_images, encoded_image_key, image_key
+from .image_cache import ImageFeatureCache, encode_images, source_key
 from .kv_cache import PagedKVCache
 from .runner import ModelRunner, PrefillChunk, RunnerConfig
 from .sampling import SamplingParams, make_generator, sample
@@ -263,28 +264,16 @@ class Engine:
                 return exc
             keys = requests[index].image_keys
             if keys is not None and keys[position] is not None:
-                key = keys[position]
-            elif isinstance(source, (bytes, bytearray)) or (isinstance(source, str) and source[:5].lower() == "data:"):
-                # The encoded file is the content: hashing its bytes costs a fraction of hashing the
-                # pixels (W1's 1344x1344 PNG: 14 KB against 5.4 MB, 0.02 ms against 8.9 ms on a 2-core
-                # machine). A path is not content (the file may change), so paths, arrays and PIL
-                # images are keyed by their pixels.
-                key = encoded_image_key(source if isinstance(source, (bytes, bytearray)) else source.encode(), crops_of[index])
-            else:
-                key = image_key(image, crops_of[index])
-            return image, key
+                return image, keys[position]
+            return image, source_key(source, image, crops_of[index])
 
         # One lazily opened PIL image given to several requests must not be decoded by two threads
         # at once: such images are loaded here first (later loads find them decoded).
-        seen: dict[int, int] = {}
-        for _, _, source in jobs:
-            if isinstance(source, Image.Image):
-                seen[id(source)] = seen.get(id(source), 0) + 1
-        for _, _, source in jobs:
-            if isinstance(source, Image.Image) and seen.get(id(source), 0) > 1:
-                seen[id(source)] = 0
-                with contextlib.suppress(PhiVisionError):  # reported per request by the load below
-                    load_image(source)
+        pil = [source for _, _, source in jobs if isinstance(source, Image.Image)]
+        uses = collections.Counter(id(source) for source in pil)
+        for source in {id(source): source for source in pil if uses[id(source)] > 1}.values():
+            with contextlib.suppress(PhiVisionError):  # reported per request by the load below
+                load_image(source)
         if len(jobs) > 1:
             with ThreadPoolExecutor(min(len(jobs), MAX_PREPARE_THREADS)) as pool:
                 loaded_all = list(pool.map(load, jobs))

