@@ -17,7 +17,7 @@ import torch
 
 from phivision.config import ModelConfig
 from phivision.generation.runner import ModelRunner, RunnerConfig
-from phivision.kernels.fused import add_rms_norm, rms_norm, rope_qk_, silu_mul
+from phivision.kernels.fused import add_rms_norm, quick_gelu, rms_norm, rope_qk_, silu_mul
 from phivision.kernels.gemv import gemv
 from phivision.kernels.paged_attention import (
     decode_splits,
@@ -78,6 +78,19 @@ def check_kernels() -> list[dict]:
     rows.append({"check": "add_rms_norm", "rel_err": max(rel(y, yc), rel(h, hc))})
     gu = torch.randn(7, 16384, device=dev, dtype=torch.bfloat16)
     rows.append({"check": "silu_mul", "rel_err": rel(silu_mul(gu), silu_mul(gu.cpu()))})
+    for dtype in (torch.bfloat16, torch.float16):
+        act = torch.randn(3, 577, 4096, device=dev, dtype=dtype) * 4
+        fused, unfused = quick_gelu(act), act * torch.sigmoid(1.702 * act)  # the reference's ops, same device
+        rows.append({"check": f"quick_gelu {dtype} (unequal elements {(fused != unfused).float().mean().item():.1e})",
+                     "rel_err": rel(fused, unfused)})
+    # the vision tower's patch embedding: a matrix product on CUDA against the convolution
+    from phivision.config import VisionConfig
+    from phivision.model.vision import ClipEmbeddings
+    emb = ClipEmbeddings(VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)).to(dev, torch.bfloat16)
+    torch.nn.init.normal_(emb.patch_embedding.weight, std=0.02)
+    pixels = torch.randn(5, 3, 336, 336, device=dev)
+    conv = emb.patch_embedding(pixels.to(torch.bfloat16)).flatten(2).transpose(1, 2) + emb.position_embedding.weight[None, 1:]
+    rows.append({"check": "patch embedding matmul vs conv", "rel_err": rel(emb(pixels)[:, 1:], conv)})
     qkv = torch.randn(9, 96 * 96, device=dev, dtype=torch.bfloat16)
     cos, sin = torch.randn(9, 96, device=dev, dtype=torch.bfloat16), torch.randn(9, 96, device=dev, dtype=torch.bfloat16)
     a, b = qkv.clone(), qkv.cpu()

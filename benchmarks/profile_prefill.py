@@ -1,6 +1,10 @@
-"""Where W4-style request preparation and prefill steps spend their time (torch.profiler), engine only.
+"""Where request preparation and prefill steps spend their time (torch.profiler), engine only.
 
-    python benchmarks/profile_prefill.py --model CKPT_DIR
+    python benchmarks/profile_prefill.py --model CKPT_DIR [--sections steps,prep,prefill,vision,w3]
+
+steps: timed W4-style adds and steps; prep: a profile of preparing 32 W4 requests; prefill: a profile
+of one prefill step of 10 W4 requests; vision: wall and GPU time of preparing n W4 requests for
+several n (each a new crop count, as a server sees them); w3: W3's 8K-token prefill, timed and profiled.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_latency import make_png  # noqa: E402
+from bench_latency import make_png, w3_ids  # noqa: E402
 from w4_engine_only import QUESTION  # noqa: E402
 
 from phivision.generation.engine import Engine, EngineConfig, PromptRequest  # noqa: E402
@@ -25,7 +29,9 @@ from phivision.weights import load_model  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
+    parser.add_argument("--sections", default="steps,prep,prefill,vision,w3")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     model = load_model(args.model, device="cuda", dtype=torch.bfloat16, progress=False)
     processor = Processor.from_pretrained(args.model, num_crops=4)
     engine = Engine(model, processor, EngineConfig(max_num_seqs=64, kv_cache_tokens=65536))
@@ -55,12 +61,62 @@ def main() -> None:
         print(f"{label}: add {1e3 * (t1 - t0):.1f} ms; steps (kind, ms): {kinds}", flush=True)
 
     timed_steps("warm-up images", batch(500))
-    timed_steps("10 image requests", batch(0))
-    timed_steps("10 text requests", batch(100, text_only=True))
-    timed_steps("1 image request", batch(200, n=1))
+    if "steps" in sections:
+        timed_steps("10 image requests", batch(0))
+        timed_steps("10 text requests", batch(100, text_only=True))
+        timed_steps("1 image request", batch(200, n=1))
     from torch.profiler import ProfilerActivity, profile
 
+    if "vision" in sections:
+        # Each n is a crop count the tower has not seen (5 crops a request): the first-call costs a
+        # server pays for every new batch size are in these figures.
+        for n in (1, 3, 7, 13, 19, 32, 32):
+            reqs = batch(1000 + 50 * n, n=n)
+            prepared = engine.prepare_prompts(reqs)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            engine.add_prepared(prepared)
+            t1 = time.perf_counter()
+            end.record()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            print(f"vision: {n:2d} requests ({5 * n} crops): add_prepared returns after {1e3 * (t1 - t0):.1f} ms, "
+                  f"wall {1e3 * (t2 - t0):.1f} ms, GPU {start.elapsed_time(end):.1f} ms", flush=True)
+            while engine.has_unfinished():
+                engine.step()
+
+    if "w3" in sections:
+        ids = w3_ids(processor)
+        w3 = Engine(model, processor, EngineConfig(max_num_seqs=1, max_model_len=len(ids) + 128, kv_cache_tokens=len(ids) + 128,
+                                                   enable_prefix_caching=False, max_num_batched_tokens=16384,
+                                                   prefill_chunk_size=16384))
+        for attempt in range(3):
+            w3.add_request(ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            w3.step()
+            torch.cuda.synchronize()
+            print(f"W3 prefill step ({len(ids)} tokens, one chunk), run {attempt}: {1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
+            while w3.has_unfinished():
+                w3.step()
+        w3.add_request(ids, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            w3.step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22), flush=True)
+        while w3.has_unfinished():
+            w3.step()
+        del w3
+        torch.cuda.empty_cache()
+    if not sections & {"prep", "prefill"}:
+        return
+
     # Preparation (image decoding, preprocessing, vision tower) of 32 requests at once.
+    if "prep" not in sections:
+        return _profile_prefill_step(engine, batch, profile, ProfilerActivity)
     reqs = batch(700, n=32)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -75,7 +131,11 @@ def main() -> None:
     print(events.table(sort_by="cpu_time_total", row_limit=15), flush=True)
     while engine.has_unfinished():
         engine.step()
+    if "prefill" in sections:
+        _profile_prefill_step(engine, batch, profile, ProfilerActivity)
 
+
+def _profile_prefill_step(engine, batch, profile, ProfilerActivity) -> None:
     reqs = batch(300)
     engine.add_prompts(reqs)
     torch.cuda.synchronize()

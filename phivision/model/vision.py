@@ -11,11 +11,19 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
+from ..kernels.fused import quick_gelu
 from .language import attention, fused_sdpa_only
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+def patch_embed_matmul(pixels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The stride-p, p x p convolution of (N, 3, S, S) crops with weight (C, 3, p, p) as one matrix
+    product: (N, P, C), patches row-major over the grid (conv(...).flatten(2).transpose(1, 2))."""
+    n, channels, size, _ = pixels.shape
+    p = weight.shape[-1]
+    grid = size // p
+    rows = pixels.reshape(n, channels, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5)  # (N, g, g, 3, p, p)
+    patches = rows.reshape(n * grid * grid, channels * p * p) @ weight.reshape(weight.shape[0], -1).T  # (N*P, C)
+    return patches.view(n, grid * grid, -1)  # (N, P, C)
 
 
 class ClipEmbeddings(nn.Module):
@@ -29,9 +37,15 @@ class ClipEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) crops -> (N, P+1, C) tokens, CLS first."""
-        weight = self.patch_embedding.weight
-        patches = self.patch_embedding(pixel_values.to(weight.dtype))  # (N, C, S/p, S/p)
-        patches = patches.flatten(2).transpose(1, 2)  # (N, P, C), row-major over the patch grid
+        weight = self.patch_embedding.weight  # (C, 3, p, p)
+        pixels = pixel_values.to(weight.dtype)
+        if pixels.is_cuda:
+            # cuDNN's kernel for this convolution (3 input channels, 14x14 taps, stride 14) took 9.9 ms
+            # for 160 crops on an H200; the same sums as one matrix product take well under 1 ms.
+            patches = patch_embed_matmul(pixels, weight)  # (N, P, C)
+        else:
+            patches = self.patch_embedding(pixels)  # (N, C, S/p, S/p)
+            patches = patches.flatten(2).transpose(1, 2)  # (N, P, C), row-major over the patch grid
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # (N, 1, C)
         tokens = torch.cat([cls, patches], dim=1)  # (N, P+1, C)
         return tokens + self.position_embedding.weight[None]

@@ -343,3 +343,21 @@ def test_grouped_query_attention_and_bf16(tmp_path):
     bf16 = random_model(tmp_path / "bf16", dtype=torch.bfloat16)
     logits = bf16(ids)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_patch_embedding_as_a_matrix_product_equals_the_convolution():
+    # The CUDA path computes CLIP's patch embedding as one matrix product; same sums as the conv.
+    from phivision.kernels.fused import quick_gelu
+    from phivision.model.vision import patch_embed_matmul
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 3, 14, 14, dtype=torch.float64)
+    pixels = torch.randn(3, 3, 56, 56, dtype=torch.float64)
+    conv = torch.nn.functional.conv2d(pixels, weight, stride=14).flatten(2).transpose(1, 2)  # (N, P, C)
+    got = patch_embed_matmul(pixels, weight)
+    assert got.shape == (3, 16, 8)
+    torch.testing.assert_close(got, conv, rtol=1e-12, atol=1e-12)
+    # A transposed grid (or a wrong tap order) would not match: the check can fail.
+    assert not torch.allclose(patch_embed_matmul(pixels.transpose(2, 3), weight), conv)
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x))
