@@ -4,7 +4,8 @@
 
 steps: timed W4-style adds and steps; prep: a profile of preparing 32 W4 requests; prefill: a profile
 of one prefill step of 10 W4 requests; vision: wall and GPU time of preparing n W4 requests for
-several n (each a new crop count, as a server sees them); w3: W3's 8K-token prefill, timed and profiled.
+several n (each a new crop count, as a server sees them); w3: W3's 8K-token prefill, timed and profiled;
+w1, w2: the workload's time to first token in its parts (CPU half, vision half, prefill), then a profile of its preparation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_latency import make_png, w3_ids  # noqa: E402
+from bench_latency import WORKLOADS, make_png, w3_ids, workload_inputs  # noqa: E402
 from w4_engine_only import QUESTION  # noqa: E402
 
 from phivision.generation.engine import Engine, EngineConfig, PromptRequest  # noqa: E402
@@ -29,7 +30,7 @@ from phivision.weights import load_model  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
-    parser.add_argument("--sections", default="steps,prep,prefill,vision,w3")
+    parser.add_argument("--sections", default="steps,prep,prefill,vision,w3,w1,w2")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     model = load_model(args.model, device="cuda", dtype=torch.bfloat16, progress=False)
@@ -110,6 +111,38 @@ def main() -> None:
         while w3.has_unfinished():
             w3.step()
         del w3
+        torch.cuda.empty_cache()
+    for name in ("W1", "W2"):
+        if name.lower() not in sections:
+            continue
+        prompt, images = workload_inputs(name, processor)
+        w2 = Engine(model, processor, EngineConfig(max_num_seqs=1, max_model_len=6500, kv_cache_tokens=6500,
+                                                   enable_prefix_caching=False))
+        request = PromptRequest(prompt, images, SamplingParams(max_new_tokens=1, ignore_eos=True), WORKLOADS[name]["num_crops"])
+        for attempt in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            prepared = w2.prepare_prompts([request])
+            t1 = time.perf_counter()
+            w2.add_prepared(prepared, use_image_cache=False)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            w2.step()
+            torch.cuda.synchronize()
+            t3 = time.perf_counter()
+            print(f"{name} run {attempt}: CPU half {1e3 * (t1 - t0):.1f} ms (decoding {1e3 * prepared[0].load_s:.1f}), "
+                  f"vision half {1e3 * (t2 - t1):.1f} ms, prefill {1e3 * (t3 - t2):.1f} ms", flush=True)
+            while w2.has_unfinished():
+                w2.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            w2.add_prompts([request], use_image_cache=False)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+        while w2.has_unfinished():
+            w2.step()
+        del w2
         torch.cuda.empty_cache()
     if not sections & {"prep", "prefill"}:
         return

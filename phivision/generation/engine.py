@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..errors import PhiVisionError, PromptError
-from ..processing.image import hd_grid, num_image_tokens_for_size
+from ..processing.image import hd_grid, hd_transform, num_image_tokens_for_size
 from ..processing.loading import load_image
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
@@ -90,6 +90,8 @@ class PreparedPrompt:
     num_crops: int
     load_s: float  # decoding and hashing the images of the batch it came in
     started: float  # perf_counter() when preparation began
+    # hd_transform of each image (GPU engines, images not cached when prepared; else None entries)
+    hd_canvases: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -258,17 +260,26 @@ class Engine:
         crops_of = [request.num_crops if request.num_crops is not None else self.processor.num_crops for request in requests]
         jobs = [(index, position, image) for index, request in enumerate(requests)
                 for position, image in enumerate(request.images)]
+        # On the CPU the float pipeline works from the resized pixels, not from HD canvases.
+        make_canvases = next(self.model.parameters()).device.type != "cpu"
 
-        def load(job: tuple[int, int, Any]) -> tuple[Any, str | None] | Exception:
+        def load(job: tuple[int, int, Any]) -> tuple[Any, str, Any] | Exception:
             index, position, source = job
             try:
                 image = load_image(source, allow_urls=self.processor.allow_urls)
             except PhiVisionError as exc:
                 return exc
             keys = requests[index].image_keys
-            if keys is not None and keys[position] is not None:
-                return image, keys[position]
-            return image, source_key(source, image, crops_of[index])
+            crops = crops_of[index]
+            key = keys[position] if keys is not None and keys[position] is not None else source_key(source, image, crops)
+            canvas = None
+            if make_canvases and key not in self.image_cache:
+                # The resize and padding run here, beside the other images' decoding (and off the
+                # engine thread when a server prepares on a worker); a failure is reported by the
+                # vision half, which then makes the canvas itself.
+                with contextlib.suppress(Exception):
+                    canvas = hd_transform(image, crops)
+            return image, key, canvas
 
         # One lazily opened PIL image given to several requests must not be decoded by two threads
         # at once: such images are loaded here first (later loads find them decoded).
@@ -291,7 +302,7 @@ class Engine:
                 failed = next((item for item in per_request[index] if isinstance(item, Exception)), None)
                 if failed is not None:
                     raise failed
-                images = [image for image, _ in per_request[index]]
+                images = [image for image, _, _ in per_request[index]]
                 crops = crops_of[index]
                 num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in images]
                 ids = tokenize_prompt(self.tokenizer, request.prompt, num_tokens)
@@ -300,8 +311,8 @@ class Engine:
                         f"the prompt ({len(ids)} tokens, images included) plus max_new_tokens "
                         f"({request.params.max_new_tokens}) is over the engine's limit of {self.max_model_len} tokens"
                     )
-                results[index] = PreparedPrompt(request, images, [key for _, key in per_request[index]], ids, crops,
-                                                loaded_s, started)
+                results[index] = PreparedPrompt(request, images, [key for _, key, _ in per_request[index]], ids, crops,
+                                                loaded_s, started, [canvas for _, _, canvas in per_request[index]])
             except PhiVisionError as exc:
                 results[index] = exc
         return results  # type: ignore[return-value]
@@ -335,8 +346,9 @@ class Engine:
         for crops, group in batches:
             images = [image for _, item in group for image in item.images]
             given = [key for _, item in group for key in item.image_keys]
+            canvases = [canvas for _, item in group for canvas in (item.hd_canvases or [None] * len(item.images))]
             try:
-                features, keys, crops_run = encode_images(self.model, images, crops, cache, given)
+                features, keys, crops_run = encode_images(self.model, images, crops, cache, given, canvases)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: refuse this batch, keep the others
                 for index, _ in group:
                     results[index] = RuntimeError(f"could not run the vision tower: {exc}")

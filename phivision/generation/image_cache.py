@@ -6,6 +6,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -69,26 +70,34 @@ class ImageFeatureCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` is held now; no recency or counter change. A hint that another thread may
+        read (a dict lookup): an answer made stale by the engine thread costs only redundant work."""
+        return key in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
 
 def encode_images(
     model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None,
-    keys: Sequence[str | None] | None = None,
+    keys: Sequence[str | None] | None = None, canvases: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[str], int]:
     """Features per image (running the tower once per distinct image not in `cache`), their keys,
     and how many crops went through the tower. `keys` may bring image_key values computed
-    elsewhere (None entries are computed here)."""
+    elsewhere (None entries are computed here); `canvases` hd_transform results made elsewhere
+    (used on a GPU; None entries are made here)."""
     given = list(keys) if keys is not None else [None] * len(images)
     keys = [key if key is not None else image_key(image, num_crops) for image, key in zip(images, given)]
     found: dict[str, torch.Tensor | None] = {key: (cache.get(key) if cache is not None else None) for key in dict.fromkeys(keys)}
     missing = [key for key, value in found.items() if value is None]
     num_crops_run = 0
     if missing:
-        first_image = {key: image for key, image in zip(reversed(keys), reversed(images))}
+        given_canvases = list(canvases) if canvases is not None else [None] * len(images)
+        first = {key: (image, canvas) for key, image, canvas in zip(reversed(keys), reversed(images), reversed(given_canvases))}
         param = next(model.parameters())
-        batch = preprocess_images([first_image[key] for key in missing], num_crops, device=param.device)
+        batch = preprocess_images([first[key][0] for key in missing], num_crops, device=param.device,
+                                  canvases=[first[key][1] for key in missing])
         sizes = batch.image_sizes.tolist()
         num_crops_run = sum((h // CROP_SIZE) * (w // CROP_SIZE) + 1 for h, w in sizes)  # tiles + global view
         with torch.inference_mode():

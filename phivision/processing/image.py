@@ -340,16 +340,19 @@ def preprocess_image(image: Image.Image, num_crops: int) -> ProcessedImage:
     return ProcessedImage(pixel_values=out, image_size=size, num_tokens=num_image_tokens(*size), grid=grid)
 
 
-def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: torch.device | str | None = None) -> ImageBatch:
+def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: torch.device | str | None = None,
+                      canvases: Sequence[np.ndarray | None] | None = None) -> ImageBatch:
     """Several images with one num_crops, written straight into one batch tensor (no stacking copy).
 
     With a (CUDA) `device`, only the resize stays on the CPU: the uint8 HD images go to the device
     and the float work (normalisation, crops, the bicubic global view) runs there, with the same
-    float32 operations, so the CPU is not the bottleneck in front of the GPU.
+    float32 operations, so the CPU is not the bottleneck in front of the GPU. There, `canvases` may
+    bring `hd_transform(image, num_crops)` already made (e.g. on the thread that decoded the image);
+    None entries are made here. The CPU path works from the resized pixels and ignores them.
     """
     _check_num_crops(num_crops)
     if device is not None and torch.device(device).type != "cpu":
-        return _preprocess_images_on(images, num_crops, torch.device(device))
+        return _preprocess_images_on(images, num_crops, torch.device(device), canvases)
     out = torch.empty((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32)
     sizes = []
     num_threads = _default_num_threads()
@@ -360,11 +363,19 @@ def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: tor
     return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])
 
 
-def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device: torch.device) -> ImageBatch:
+def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device: torch.device,
+                          given: Sequence[np.ndarray | None] | None = None) -> ImageBatch:
     out = torch.zeros((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32, device=device)
-    # Resizes run side by side (PIL releases the GIL); each large one also splits itself into strips.
-    with ThreadPoolExecutor(max(1, min(len(images), _default_num_threads()))) as pool:
-        canvases = list(pool.map(lambda image: hd_transform(image, num_crops), images))
+    given = list(given) if given is not None else [None] * len(images)
+    todo = [index for index, canvas in enumerate(given) if canvas is None]
+    canvases = list(given)
+    if len(todo) > 1:
+        # Resizes run side by side (PIL releases the GIL); each large one also splits itself into strips.
+        with ThreadPoolExecutor(max(1, min(len(todo), _default_num_threads()))) as pool:
+            for index, canvas in zip(todo, pool.map(lambda i: hd_transform(images[i], num_crops), todo)):
+                canvases[index] = canvas
+    elif todo:
+        canvases[todo[0]] = hd_transform(images[todo[0]], num_crops)
     sizes = [tuple(canvas.shape[:2]) for canvas in canvases]
     # Images with the same HD size share one copy and one set of float kernels (a server adding
     # many same-sized images at once pays per batch, not per image); the float32 operations per

@@ -112,8 +112,8 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     calls = []
     real_encode = engine_module.encode_images
     monkeypatch.setattr(engine_module, "encode_images",
-                        lambda model, images, crops, cache, keys=None: calls.append((len(images), crops))
-                        or real_encode(model, images, crops, cache, keys))
+                        lambda model, images, crops, cache, keys=None, canvases=None: calls.append((len(images), crops))
+                        or real_encode(model, images, crops, cache, keys, canvases))
     engine = _engine(model, processor)
     cases = [c for c in tiny_manifest["cases"] if c["images"]]
     requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
@@ -222,11 +222,11 @@ def test_a_failing_vision_batch_refuses_only_its_requests(model, processor, tiny
     real_encode = engine_module.encode_images
     calls = []
 
-    def failing_second(model, images, crops, cache, keys=None):
+    def failing_second(model, images, crops, cache, keys=None, canvases=None):
         calls.append(crops)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_encode(model, images, crops, cache, keys)
+        return real_encode(model, images, crops, cache, keys, canvases)
 
     monkeypatch.setattr(engine_module, "encode_images", failing_second)
     engine = _engine(model, processor)

@@ -266,3 +266,12 @@ def test_device_path_equals_cpu_path():
     assert torch.equal(got.pixel_values, expected.pixel_values)
     assert torch.equal(got.image_sizes, expected.image_sizes)
     assert got.num_image_tokens == expected.num_image_tokens
+    # HD canvases made beforehand (as an engine's preparing thread does) for some of the images.
+    canvases = [hd_transform(image, 4) if i % 2 == 0 else None for i, image in enumerate(images)]
+    given = _preprocess_images_on(images, 4, torch.device("cpu"), canvases)
+    assert torch.equal(given.pixel_values, expected.pixel_values)
+    assert torch.equal(given.image_sizes, expected.image_sizes)
+    # ...and they are what is used: image 2's canvas given for image 0 (same size) changes image 0 only.
+    canvases[0] = canvases[2]
+    swapped = _preprocess_images_on(images, 4, torch.device("cpu"), canvases).pixel_values
+    assert torch.equal(swapped[0], expected.pixel_values[2]) and torch.equal(swapped[1:], expected.pixel_values[1:])
