@@ -262,6 +262,7 @@ class Engine:
                 for position, image in enumerate(request.images)]
         # On the CPU the float pipeline works from the resized pixels, not from HD canvases.
         make_canvases = next(self.model.parameters()).device.type != "cpu"
+        resize_threads = max(1, MAX_PREPARE_THREADS // max(1, len(jobs)))  # each image's share of the cores
 
         def load(job: tuple[int, int, Any]) -> tuple[Any, str, Any] | Exception:
             index, position, source = job
@@ -278,7 +279,7 @@ class Engine:
                 # engine thread when a server prepares on a worker); a failure is reported by the
                 # vision half, which then makes the canvas itself.
                 with contextlib.suppress(Exception):
-                    canvas = hd_transform(image, crops)
+                    canvas = hd_transform(image, crops, resize_threads)
             return image, key, canvas
 
         # One lazily opened PIL image given to several requests must not be decoded by two threads

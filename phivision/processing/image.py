@@ -275,11 +275,15 @@ def _padding_slices(geometry: _HDGeometry) -> list[tuple[slice, slice]]:
     return [(full, strip) if geometry.transposed else (strip, full) for strip in strips if strip.stop > strip.start]
 
 
-def hd_transform(image: Image.Image, num_crops: int) -> np.ndarray:
-    """The HD image (spec §4 step 2): resized and white-padded, (h, w, 3) uint8 RGB."""
+def hd_transform(image: Image.Image, num_crops: int, num_threads: int | None = None) -> np.ndarray:
+    """The HD image (spec §4 step 2): resized and white-padded, (h, w, 3) uint8 RGB.
+
+    `num_threads` caps the threads one resize splits itself over (default: all cores); callers that
+    resize several images side by side give each a share, so that threads are not oversubscribed.
+    """
     image = _to_rgb(image)
     geometry = _hd_geometry(image.width, image.height, num_crops)
-    core = _resize_core(image, geometry, _default_num_threads())
+    core = _resize_core(image, geometry, num_threads or _default_num_threads())
     canvas = np.full((*geometry.hd_size, 3), PAD_VALUE, dtype=np.uint8)
     rows, cols = _pad_slices(geometry)
     canvas[rows, cols] = core
@@ -370,9 +374,12 @@ def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device:
     todo = [index for index, canvas in enumerate(given) if canvas is None]
     canvases = list(given)
     if len(todo) > 1:
-        # Resizes run side by side (PIL releases the GIL); each large one also splits itself into strips.
-        with ThreadPoolExecutor(max(1, min(len(todo), _default_num_threads()))) as pool:
-            for index, canvas in zip(todo, pool.map(lambda i: hd_transform(images[i], num_crops), todo)):
+        # Resizes run side by side (PIL releases the GIL); each large one also splits itself into
+        # strips, over its share of the threads.
+        threads = _default_num_threads()
+        share = max(1, threads // len(todo))
+        with ThreadPoolExecutor(max(1, min(len(todo), threads))) as pool:
+            for index, canvas in zip(todo, pool.map(lambda i: hd_transform(images[i], num_crops, share), todo)):
                 canvases[index] = canvas
     elif todo:
         canvases[todo[0]] = hd_transform(images[todo[0]], num_crops)
