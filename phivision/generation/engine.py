@@ -193,6 +193,10 @@ class Engine:
             self.block_manager,
         )
         self.image_cache = ImageFeatureCache(config.image_cache_entries)
+        # On a GPU the vision half sends HD canvases (resized, padded uint8) to the device, and the
+        # preparing half makes them beside the decoding; on the CPU the float pipeline works from the
+        # resized pixels instead, so canvases would be wasted work.
+        self.canvases_when_preparing = next(model.parameters()).device.type != "cpu"
         self._requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self.num_generated_tokens = 0
@@ -260,8 +264,7 @@ class Engine:
         crops_of = [request.num_crops if request.num_crops is not None else self.processor.num_crops for request in requests]
         jobs = [(index, position, image) for index, request in enumerate(requests)
                 for position, image in enumerate(request.images)]
-        # On the CPU the float pipeline works from the resized pixels, not from HD canvases.
-        make_canvases = next(self.model.parameters()).device.type != "cpu"
+        make_canvases = self.canvases_when_preparing
         resize_threads = max(1, MAX_PREPARE_THREADS // max(1, len(jobs)))  # each image's share of the cores
 
         def load(job: tuple[int, int, Any]) -> tuple[Any, str, Any] | Exception:
