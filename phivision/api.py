@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -131,7 +131,7 @@ class PhiVision:
     def _run(self, messages: Any, num_crops: int | None, sampling: dict[str, Any]) -> Iterator[str | ChatResult]:
         """Text pieces as they come, then one final ChatResult."""
         start = time.perf_counter()
-        params = SamplingParams(**sampling)
+        params = sampling_params(sampling)
         prompt, sources = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         crops = num_crops if num_crops is not None else default_num_crops(len(sources))
         engine = self.engine
@@ -288,6 +288,17 @@ def load(
     processor = Processor.from_pretrained(model, allow_urls=allow_urls)
     network = load_model(model, device=device, dtype=torch_dtype, progress=progress)
     return PhiVision(network, processor, engine_config=engine_config)
+
+
+def sampling_params(options: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from keyword options; a misspelt or misplaced option is named, with the valid ones."""
+    valid = [f.name for f in fields(SamplingParams)]
+    unknown = [name for name in options if name not in valid]
+    if unknown:
+        hint = " (images go in the messages, as image parts)" if "images" in unknown else ""
+        raise TypeError(f"unexpected keyword argument{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}; "
+                        f"the sampling options are {', '.join(valid)}")
+    return SamplingParams(**options)
 
 
 def default_engine_config(model: torch.nn.Module) -> EngineConfig:

@@ -107,6 +107,12 @@ def test_bad_inputs_raise_clear_errors(pv):
     with pytest.raises(ImageLoadError):
         conv.add_image(b"not an image")
     assert conv.messages == []
+    # A misplaced or misspelt keyword is named, with the options that exist.
+    with pytest.raises(TypeError, match=r"'images' \(images go in the messages.*max_new_tokens, temperature"):
+        pv.chat([_user("Hi")], images=["x.png"])
+    with pytest.raises(TypeError, match=r"'max_tokens'.*the sampling options are"):
+        conv.ask("Hi", max_tokens=3)
+    assert conv.messages == []
 
 
 def test_seeded_sampling_through_the_api(pv):
