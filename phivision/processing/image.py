@@ -276,7 +276,7 @@ def _padding_slices(geometry: _HDGeometry) -> list[tuple[slice, slice]]:
 
 
 def hd_transform(image: Image.Image, num_crops: int, num_threads: int | None = None) -> np.ndarray:
-    """The HD image (spec §4 step 2): resized and white-padded, (h, w, 3) uint8 RGB.
+    """The HD image (spec §4 step 2): resized and white-padded, (h, w, 3) uint8 RGB (may be read-only).
 
     `num_threads` caps the threads one resize splits itself over (default: all cores); callers that
     resize several images side by side give each a share, so that threads are not oversubscribed.
@@ -284,7 +284,11 @@ def hd_transform(image: Image.Image, num_crops: int, num_threads: int | None = N
     image = _to_rgb(image)
     geometry = _hd_geometry(image.width, image.height, num_crops)
     core = _resize_core(image, geometry, num_threads or _default_num_threads())
-    canvas = np.full((*geometry.hd_size, 3), PAD_VALUE, dtype=np.uint8)
+    if core.shape[:2] == geometry.hd_size:
+        return core  # no padding (e.g. 1344x1344 at 16 crops, 672x672 at 4): the resized image is the canvas
+    canvas = np.empty((*geometry.hd_size, 3), dtype=np.uint8)
+    for pad_rows, pad_cols in _padding_slices(geometry):  # white strips written once, the image once
+        canvas[pad_rows, pad_cols] = PAD_VALUE
     rows, cols = _pad_slices(geometry)
     canvas[rows, cols] = core
     return canvas
@@ -394,7 +398,7 @@ def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device:
         # One copy of each canvas, straight into (pinned) staging memory, then one transfer.
         stacked = torch.empty((len(indices), height, width, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
         for slot, i in enumerate(indices):
-            stacked[slot].copy_(torch.from_numpy(canvases[i]))
+            stacked[slot].numpy()[...] = canvases[i]  # canvases may be read-only (torch.from_numpy would warn)
         hd = stacked.to(device, non_blocking=True).permute(3, 0, 1, 2).float()  # (3, n, h, w)
         hd = _normalise_(hd).transpose(0, 1)  # (n, 3, h, w) float32
         rows, cols = height // CROP_SIZE, width // CROP_SIZE

@@ -146,7 +146,7 @@ def test_invalid_num_crops(bad):
 # Pixels
 
 
-@pytest.mark.parametrize(("width", "height"), [(7, 5), (5, 7), (300, 200), (200, 300), (451, 300), (640, 400), (1000, 3), (31, 977), (777, 777)])
+@pytest.mark.parametrize(("width", "height"), [(7, 5), (5, 7), (300, 200), (200, 300), (451, 300), (640, 400), (1000, 3), (31, 977), (777, 777), (672, 672)])
 @pytest.mark.parametrize("num_crops", [1, 4, 16])
 def test_hd_transform_equals_the_reference_recipe(width, height, num_crops):
     image = random_image(width, height, seed=width * 7 + height)
