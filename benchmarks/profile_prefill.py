@@ -157,34 +157,30 @@ def section_ttft_parts(model, processor: Processor, name: str) -> None:
     drain(engine)
 
 
-def section_prep(engine: Engine) -> None:
-    """Preparation (image decoding, preprocessing, vision tower) of 32 requests at once."""
-    requests = w4_requests(700, n=32)
+def profiled_call(label: str, call, cuda_rows: int, cpu_rows: int) -> None:
+    """Runs call() once under the profiler; prints its wall time, GPU kernel time and both tables."""
     sync()
     with profile(activities=ACTIVITIES) as prof:
         t0 = time.perf_counter()
-        engine.add_prompts(requests)
+        call()
         sync()
         wall = time.perf_counter() - t0
     gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-    print(f"add_prompts of 32 image requests: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_ms:.1f} ms", flush=True)
-    print_profile(prof, "cuda_time_total", 15)
-    print_profile(prof, "cpu_time_total", 15)
+    print(f"{label}: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_ms:.1f} ms", flush=True)
+    print_profile(prof, "cuda_time_total", cuda_rows)
+    print_profile(prof, "cpu_time_total", cpu_rows)
+
+
+def section_prep(engine: Engine) -> None:
+    """Preparation (image decoding, preprocessing, vision tower) of 32 requests at once."""
+    requests = w4_requests(700, n=32)
+    profiled_call("add_prompts of 32 image requests", lambda: engine.add_prompts(requests), 15, 15)
     drain(engine)
 
 
 def section_prefill(engine: Engine) -> None:
     engine.add_prompts(w4_requests(300))
-    sync()
-    with profile(activities=ACTIVITIES) as prof:
-        t0 = time.perf_counter()
-        engine.step()
-        sync()
-        wall = time.perf_counter() - t0
-    gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-    print(f"prefill step of 10 image requests: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_ms:.1f} ms", flush=True)
-    print_profile(prof, "cuda_time_total", 18)
-    print_profile(prof, "cpu_time_total", 12)
+    profiled_call("prefill step of 10 image requests", engine.step, 18, 12)
     drain(engine)
 
 
