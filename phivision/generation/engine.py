@@ -44,7 +44,7 @@ from .sequence import Sequence
 # Crops one vision-tower call may take across requests (~1.5 GiB of activations in bf16 at this
 # size); a single request with more still goes in one call, as it would alone.
 MAX_VISION_BATCH_CROPS = 160
-# Threads decoding and hashing images while requests are prepared.
+# Threads decoding, hashing and resizing images while requests are prepared.
 MAX_PREPARE_THREADS = min(16, os.cpu_count() or 1)
 
 
@@ -254,10 +254,12 @@ class Engine:
 
     def prepare_prompts(self, requests: Ids[PromptRequest]) -> list[PreparedPrompt | Exception]:
         """The CPU half of adding prompts: decodes and hashes every image (all requests' images side
-        by side: PIL and hashlib release the GIL), tokenises, checks lengths.
+        by side: PIL and hashlib release the GIL), makes the HD canvases of those not cached (GPU
+        engines), tokenises, checks lengths.
 
-        Touches no engine state, so a server may run it on another thread while the engine steps;
-        `add_prepared` then runs the vision tower and queues the requests.
+        Changes no engine state (it only asks the feature cache which keys it holds, a hint), so a
+        server may run it on another thread while the engine steps; `add_prepared` then runs the
+        vision tower and queues the requests.
         """
         started = time.perf_counter()
         results: list[PreparedPrompt | Exception | None] = [None] * len(requests)

@@ -361,7 +361,7 @@ def _stats(engine) -> dict[str, Any]:
 def _serve(engine, commands, events) -> None:
     """The engine process's loop: take commands, queue prepared requests, step.
 
-    New requests are prepared (images decoded and hashed, prompts tokenised: CPU work) on a worker
+    New requests are prepared (images decoded, hashed and resized, prompts tokenised: CPU work) on a worker
     thread while the loop keeps stepping the running ones; once ready they are queued in arrival
     order, with their vision-tower work, between two steps.
     """
