@@ -30,7 +30,9 @@ from PIL import Image
 from phivision.generation.engine import Engine, EngineConfig
 from phivision.generation.sampling import SamplingParams
 from phivision.processing.prompt import Processor
-from phivision.weights import load_model, write_random_checkpoint
+from phivision.weights import load_model
+
+from make_checkpoint import write_bench_checkpoint  # this folder: the script's own (sys.path[0])
 
 ROOT = Path(__file__).resolve().parents[1]
 KV_BYTES_PER_TOKEN = 32 * 2 * 3072 * 2  # layers x (k, v) x hidden x bf16 = 384 KiB
@@ -298,9 +300,7 @@ def main() -> None:
     report["prefill_chunk"] = args.prefill_chunk  # None: EngineConfig's default
     report["ceilings"] = measure_ceilings()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        ckpt = write_random_checkpoint(config, Path(tmp) / "ckpt", dtype=torch.bfloat16, num_shards=2, seed=0)
-        for f in (args.shared / "tokenizer").iterdir():
-            (Path(ckpt) / f.name).write_bytes(f.read_bytes())
+        ckpt = write_bench_checkpoint(args.shared, Path(tmp) / "ckpt")
         t0 = time.perf_counter()
         model = load_model(str(ckpt), device="cuda", dtype=torch.bfloat16, progress=False)
         report["load_s"] = time.perf_counter() - t0

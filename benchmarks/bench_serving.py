@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_latency
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # phivision, when it is not installed
 import bench_latency  # noqa: E402
 from bench_latency import make_png  # noqa: E402
+from make_checkpoint import write_bench_checkpoint  # noqa: E402
 
 from phivision.config import ModelConfig  # noqa: E402
 from phivision.generation.engine import EngineConfig  # noqa: E402
@@ -481,18 +482,7 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving-", dir="/tmp"))
     try:
-        if args.model is None:
-            spec = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
-            from phivision.weights import write_random_checkpoint
-
-            t0 = time.perf_counter()
-            ckpt = Path(write_random_checkpoint(spec, tmp / "ckpt", dtype=torch.bfloat16, num_shards=2, seed=0))
-            for f in (args.shared / "tokenizer").iterdir():
-                if f.is_file():
-                    shutil.copyfile(f, ckpt / f.name)
-            print(f"random real-shape bf16 checkpoint written in {time.perf_counter() - t0:.1f} s: {ckpt}", flush=True)
-        else:
-            ckpt = args.model
+        ckpt = args.model if args.model is not None else write_bench_checkpoint(args.shared, tmp / "ckpt")
         model_config = ModelConfig.from_file(ckpt)
         rows, cols = hd_grid(size, size, num_crops)
         crops = rows * cols + 1

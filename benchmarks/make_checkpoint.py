@@ -2,7 +2,8 @@
 
     python benchmarks/make_checkpoint.py OUT_DIR [--shared ../shared]
 
-The same checkpoint bench_latency.py and bench_serving.py write for themselves; the engine-only
+The same checkpoint bench_latency.py and bench_serving.py write for themselves (through
+write_bench_checkpoint); the engine-only
 and profiling scripts (w4_engine_only.py, profile_prefill.py) take it as --model.
 """
 
@@ -21,18 +22,24 @@ from phivision.weights import write_random_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def write_bench_checkpoint(shared: Path, out: Path) -> Path:
+    """The real config (shared/spec) with random bf16 weights in two shards, plus shared/tokenizer's files."""
+    start = time.perf_counter()
+    spec = json.loads((shared / "spec" / "phi35v-config.json").read_text())
+    ckpt = Path(write_random_checkpoint(spec, out, dtype=torch.bfloat16, num_shards=2, seed=0))
+    for f in (shared / "tokenizer").iterdir():
+        if f.is_file():
+            shutil.copyfile(f, ckpt / f.name)
+    print(f"random real-shape bf16 checkpoint written in {time.perf_counter() - start:.1f} s: {ckpt}", flush=True)
+    return ckpt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder with spec/ and tokenizer/")
     args = parser.parse_args()
-    start = time.perf_counter()
-    spec = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
-    ckpt = write_random_checkpoint(spec, args.out, dtype=torch.bfloat16, num_shards=2, seed=0)
-    for f in (args.shared / "tokenizer").iterdir():
-        if f.is_file():
-            shutil.copyfile(f, Path(ckpt) / f.name)
-    print(f"random real-shape bf16 checkpoint written in {time.perf_counter() - start:.1f} s: {ckpt}", flush=True)
+    write_bench_checkpoint(args.shared, args.out)
 
 
 if __name__ == "__main__":
