@@ -62,6 +62,20 @@ def print_profile(prof, sort_by: str, rows: int) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
 
 
+def profiled_call(label: str, call, cuda_rows: int, cpu_rows: int) -> None:
+    """Runs call() once under the profiler; prints its wall time, GPU kernel time and both tables."""
+    sync()
+    with profile(activities=ACTIVITIES) as prof:
+        t0 = time.perf_counter()
+        call()
+        sync()
+        wall = time.perf_counter() - t0
+    gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    print(f"{label}: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_ms:.1f} ms", flush=True)
+    print_profile(prof, "cuda_time_total", cuda_rows)
+    print_profile(prof, "cpu_time_total", cpu_rows)
+
+
 def timed_steps(engine: Engine, label: str, requests: list[PromptRequest]) -> None:
     sync()
     t0 = time.perf_counter()
@@ -120,11 +134,7 @@ def section_w3(model, processor: Processor) -> None:
               flush=True)
         drain(engine)
     engine.add_request(ids, ONE_TOKEN)
-    sync()
-    with profile(activities=ACTIVITIES) as prof:
-        engine.step()
-        sync()
-    print_profile(prof, "cuda_time_total", 22)
+    profiled_call(f"W3 prefill step ({len(ids)} tokens)", engine.step, 22, 12)
     drain(engine)
 
 
@@ -148,27 +158,8 @@ def section_ttft_parts(model, processor: Processor, name: str) -> None:
         print(f"{name} run {attempt}: CPU half {1e3 * (t1 - t0):.1f} ms (decoding and canvases {1e3 * prepared[0].load_s:.1f}), "
               f"vision half {1e3 * (t2 - t1):.1f} ms, prefill {1e3 * (t3 - t2):.1f} ms", flush=True)
         drain(engine)
-    sync()
-    with profile(activities=ACTIVITIES) as prof:
-        engine.add_prompts([request], use_image_cache=False)
-        sync()
-    print_profile(prof, "cpu_time_total", 25)
-    print_profile(prof, "cuda_time_total", 15)
+    profiled_call(f"{name} add_prompts", lambda: engine.add_prompts([request], use_image_cache=False), 15, 25)
     drain(engine)
-
-
-def profiled_call(label: str, call, cuda_rows: int, cpu_rows: int) -> None:
-    """Runs call() once under the profiler; prints its wall time, GPU kernel time and both tables."""
-    sync()
-    with profile(activities=ACTIVITIES) as prof:
-        t0 = time.perf_counter()
-        call()
-        sync()
-        wall = time.perf_counter() - t0
-    gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-    print(f"{label}: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_ms:.1f} ms", flush=True)
-    print_profile(prof, "cuda_time_total", cuda_rows)
-    print_profile(prof, "cpu_time_total", cpu_rows)
 
 
 def section_prep(engine: Engine) -> None:
