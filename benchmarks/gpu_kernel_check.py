@@ -78,6 +78,16 @@ def check_kernels() -> list[dict]:
     rows.append({"check": "add_rms_norm", "rel_err": max(rel(y, yc), rel(h, hc))})
     gu = torch.randn(7, 16384, device=dev, dtype=torch.bfloat16)
     rows.append({"check": "silu_mul", "rel_err": rel(silu_mul(gu), silu_mul(gu.cpu()))})
+    # batch-1 products: the gated one equals silu_mul then the plain one, bit for bit; with and
+    # without programmatic dependent launch the results are the same bits
+    for dtype in (torch.bfloat16, torch.float16):
+        gu1 = torch.randn(16384, device=dev, dtype=dtype)
+        down = torch.randn(3072, 8192, device=dev, dtype=dtype) * 0.02
+        plain = gemv(silu_mul(gu1[None])[0], down, pdl=False)
+        rows.append({"check": f"gated gemv == gemv(silu_mul) {dtype}", "rel_err": float(not torch.equal(gemv(gu1, down, gated=True), plain))})
+        rows.append({"check": f"gated gemv pdl == no pdl {dtype}",
+                     "rel_err": float(not torch.equal(gemv(gu1, down, gated=True), gemv(gu1, down, gated=True, pdl=False)))})
+        rows.append({"check": f"gemv vs float32 matmul {dtype}", "rel_err": rel(plain, down.float() @ silu_mul(gu1[None])[0].float())})
     for dtype in (torch.bfloat16, torch.float16):
         act = torch.randn(3, 577, 4096, device=dev, dtype=dtype) * 4
         fused, unfused = quick_gelu(act), act * torch.sigmoid(1.702 * act)  # the reference's ops, same device
@@ -200,6 +210,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="correctness checks only, no sweeps or step timings")
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the kernel launch-setting sweeps")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["kernels"] = check_kernels()
@@ -207,8 +218,8 @@ def main() -> None:
         for row in report["kernels"]:
             print(f"{row['check']:70} rel_err {row['rel_err']:.2e}")
         return
-    report["decode_kernel_sweep"] = bench_decode_kernel()
-    report["linears"] = bench_linears()
+    report["decode_kernel_sweep"] = [] if args.no_sweeps else bench_decode_kernel()
+    report["linears"] = [] if args.no_sweeps else bench_linears()
     model = random_real_model(args.shared)
     t0 = time.perf_counter()
     runner = ModelRunner(model, RunnerConfig(num_blocks=2 * 64 * 16 + 8, block_size=64, max_num_seqs=64, max_model_len=8192))
@@ -219,6 +230,18 @@ def main() -> None:
             continue
         timings[f"B{batch}_ctx{context}"] = time_decode(runner, batch, context) * 1e3
     report["decode_step_ms"] = timings
+    # The same steps captured without programmatic dependent launch (kernels/__init__.py).
+    import os
+
+    from phivision.kernels import _pdl_supported
+
+    os.environ["PHIVISION_PDL"] = "0"
+    _pdl_supported.cache_clear()
+    runner.capture_graphs()
+    report["decode_step_ms_no_pdl"] = {key: time_decode(runner, int(key[1:].split("_")[0]), int(key.split("ctx")[1])) * 1e3
+                                       for key in timings}
+    os.environ.pop("PHIVISION_PDL")
+    _pdl_supported.cache_clear()
     weight_bytes = 2 * sum(p.numel() for n, p in model.named_parameters() if not any(s in n for s in ("embed_tokens", "vision_tower", "projector")))
     report["decoder_weight_bytes"] = weight_bytes
     if args.out:
@@ -233,12 +256,12 @@ def main() -> None:
             best[key] = row
     for row in report["decode_kernel_sweep"]:
         default_splits = decode_splits(row["batch"], 32, 132)
-        if (row["splits"], row["warps"], row["stages"]) == (default_splits, 4 if default_splits > 1 else 2, 2):
+        if (row["splits"], row["warps"], row["stages"]) == (default_splits, 2, 3 if default_splits == 1 else 2):
             print(f"decode kernel default B{row['batch']} ctx{row['context']}: {row['us']:.1f} us {row['tb_s']:.2f} TB/s")
     for (b, c), row in best.items():
         print(f"decode kernel best    B{b} ctx{c}: {row['us']:.1f} us {row['tb_s']:.2f} TB/s splits {row['splits']} "
               f"warps {row['warps']} stages {row['stages']}")
-    for name in ("qkv", "o", "gate_up", "down", "lm_head"):
+    for name in ("qkv", "o", "gate_up", "down", "lm_head") if report["linears"] else ():
         sel = [r for r in report["linears"] if r["linear"] == name]
         cublas = next(r for r in sel if r["impl"] == "cublas")
         best_row = min((r for r in sel if r["impl"] != "cublas"), key=lambda r: r["us"])
@@ -247,7 +270,8 @@ def main() -> None:
               f"{best_row['us']:6.1f} us {best_row['tb_s']:.2f} TB/s err {best_row['rel_err']:.1e} | default "
               f"{default['us'] if default else float('nan'):6.1f} us")
     for key, ms in timings.items():
-        print(f"decode step {key:16} {ms:7.3f} ms  ({1e3 / ms:7.1f} steps/s)")
+        off = report["decode_step_ms_no_pdl"][key]
+        print(f"decode step {key:16} {ms:7.3f} ms  ({1e3 / ms:7.1f} steps/s); without PDL {off:7.3f} ms")
 
 
 if __name__ == "__main__":

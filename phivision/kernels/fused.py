@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_available
+from . import pdl_launch, triton_available
 
 if triton_available():
     import triton
@@ -21,7 +21,10 @@ if triton_available():
 
     @triton.jit
     def _rmsnorm_kernel(X, R, W, Y, H_OUT, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -37,7 +40,10 @@ if triton_available():
         tl.store(Y + row * stride_y + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -96,7 +102,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x2)
     n = x2.shape[-1]
     _rmsnorm_kernel[(x2.shape[0],)](x2, x2, weight, y, y, x2.stride(0), 0, y.stride(0), 0, n, eps,
-                                    HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(n))
+                                    HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(n), **pdl_launch(x2))
     return y.view_as(x)
 
 
@@ -109,7 +115,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     y, h = torch.empty_like(x2), torch.empty_like(x2)
     n = x2.shape[-1]
     _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, h, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps,
-                                    HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(n))
+                                    HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(n), **pdl_launch(x2))
     return y.view_as(x), h.view_as(x)
 
 
@@ -122,7 +128,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = gu.shape[-1] // 2
     out = torch.empty((gu.shape[0], n), dtype=gu.dtype, device=gu.device)
     block = 1024
-    _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, out, gu.stride(0), out.stride(0), n, BLOCK=block)
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, out, gu.stride(0), out.stride(0), n, BLOCK=block, **pdl_launch(gu))
     return out.view(*gate_up.shape[:-1], n)
 
 

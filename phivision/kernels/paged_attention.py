@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from . import triton_available
+from . import pdl_launch, triton_available
 
 if triton_available():
     import triton
@@ -29,7 +29,11 @@ if triton_available():
     @triton.jit
     def _write_kv_kernel(QKV, K_POOL, V_POOL, SLOTS, stride_tok, k_offset, v_offset,
                          stride_kb, stride_kh, stride_kt,
-                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         tok = tl.program_id(0)
         head = tl.program_id(1)
         slot = tl.load(SLOTS + tok)
@@ -47,7 +51,10 @@ if triton_available():
     def _rope_write_kv_kernel(QKV, COS, SIN, K_POOL, V_POOL, SLOTS, stride_tok, stride_cs,
                               stride_kb, stride_kh, stride_kt, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+                              BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # One program per (token, group of BLOCK_HEADS heads) over the q, k and v heads: q and k are
         # rotated in place (NeoX halves, each product rounded like the reference); k and v also go to
         # the token's slot. Heads run along the tile's first axis, the half-dimension along the second.
@@ -84,12 +91,19 @@ if triton_available():
             tl.store(V_POOL + dst + HALF, b, mask=mask & is_v[:, None])
 
     @triton.jit
-    def _decode_split_kernel(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L,
+    def _decode_split_kernel(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L, OUT,
                              stride_tok, stride_kb, stride_kh, stride_kt, stride_bt,
-                             stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
+                             stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h, stride_out_b,
                              sm_scale, NUM_SPLITS: tl.constexpr, KV_GROUP: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             NUM_STAGES: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
+                             NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+        # One program per (sequence, head, split of the context). The head is loaded as two
+        # power-of-two parts (96 = 64 + 32): a single 128-wide tile masked to 96 wasted a quarter of
+        # each load and ran 10-17% slower (benchmarks/exp_decode_kernels.py). With one split the
+        # program writes the normalised output itself and no combine kernel runs.
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -100,37 +114,53 @@ if triton_available():
         first = split * per_split
         last = tl.minimum(first + per_split, num_blocks)
 
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
         t = tl.arange(0, BLOCK_SIZE)
-        q = tl.load(QKV + seq * stride_tok + head * HEAD_DIM + d, mask=d_mask, other=0.0).to(tl.float32) * sm_scale
+        da = tl.arange(0, D_A)
+        db = D_A + tl.arange(0, D_B)
+        b_mask = db < HEAD_DIM
+        q_ptr = QKV + seq * stride_tok + head * HEAD_DIM
+        qa = tl.load(q_ptr + da).to(tl.float32) * sm_scale
+        qb = tl.load(q_ptr + db, mask=b_mask, other=0.0).to(tl.float32) * sm_scale
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], tl.float32)
-        acc = tl.zeros([BLOCK_D], tl.float32)
+        acc_a = tl.zeros([D_A], tl.float32)
+        acc_b = tl.zeros([D_B], tl.float32)
         for i in tl.range(first, last, num_stages=NUM_STAGES):
             block = tl.load(BLOCK_TABLES + seq * stride_bt + i)
             valid = (i * BLOCK_SIZE + t) < context
-            tile = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt + d[None, :]
-            tile_mask = valid[:, None] & d_mask[None, :]
-            # Both tiles requested before any arithmetic: two loads in flight instead of one.
-            k = tl.load(K_POOL + tile, mask=tile_mask, other=0.0)
-            v = tl.load(V_POOL + tile, mask=tile_mask, other=0.0)
-            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_SIZE,)
+            base = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt
+            # All four tiles requested before any arithmetic.
+            ka = tl.load(K_POOL + base + da[None, :], mask=valid[:, None], other=0.0)
+            kb = tl.load(K_POOL + base + db[None, :], mask=valid[:, None] & b_mask[None, :], other=0.0)
+            va = tl.load(V_POOL + base + da[None, :], mask=valid[:, None], other=0.0)
+            vb = tl.load(V_POOL + base + db[None, :], mask=valid[:, None] & b_mask[None, :], other=0.0)
+            scores = tl.sum(ka.to(tl.float32) * qa[None, :], axis=1) + tl.sum(kb.to(tl.float32) * qb[None, :], axis=1)
             scores = tl.where(valid, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            acc_a = acc_a * alpha + tl.sum(p[:, None] * va.to(tl.float32), axis=0)
+            acc_b = acc_b * alpha + tl.sum(p[:, None] * vb.to(tl.float32), axis=0)
             l = l * alpha + tl.sum(p, axis=0)
             m = m_new
-        tl.store(ACC + seq * stride_acc_b + head * stride_acc_h + split * stride_acc_s + d, acc, mask=d_mask)
-        tl.store(M + seq * stride_ml_b + head * stride_ml_h + split, m)
-        tl.store(L + seq * stride_ml_b + head * stride_ml_h + split, l)
+        if NUM_SPLITS == 1:
+            out = OUT + seq * stride_out_b + head * HEAD_DIM
+            tl.store(out + da, (acc_a / l).to(OUT.dtype.element_ty))
+            tl.store(out + db, (acc_b / l).to(OUT.dtype.element_ty), mask=b_mask)
+        else:
+            acc = ACC + seq * stride_acc_b + head * stride_acc_h + split * stride_acc_s
+            tl.store(acc + da, acc_a)
+            tl.store(acc + db, acc_b, mask=b_mask)
+            tl.store(M + seq * stride_ml_b + head * stride_ml_h + split, m)
+            tl.store(L + seq * stride_ml_b + head * stride_ml_h + split, l)
 
     @triton.jit
     def _decode_combine_kernel(ACC, M, L, OUT, stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
                                stride_out_b, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0)
         head = tl.program_id(1)
         s = tl.arange(0, SPLITS_P2)
@@ -168,18 +198,27 @@ def write_kv(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot
     _write_kv_kernel[(n, num_kv_heads)](
         qkv, k_pool, v_pool, slot_mapping, qkv.stride(0), num_heads * head_dim, (num_heads + num_kv_heads) * head_dim,
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), **pdl_launch(qkv),
     )
 
 
-# Tuning of the decode kernel (swept on an H200 by benchmarks/sweep_decode_attention.py, see
-# benchmarks/RESULTS.md): about 24 splits at batch 1 (6 programs per SM on 132 SMs; 33 splits took
-# 28-95 us a layer over 2.5K-8K tokens of context, 24 took 25-71), and 2 warps once the batch alone
-# fills the GPU.
+# Tuning of the decode kernel (swept on an H200 by benchmarks/sweep_decode_attention.py and
+# benchmarks/exp_decode_kernels.py, see benchmarks/RESULTS.md): about 24 splits at batch 1 (6
+# programs per SM on 132 SMs; 24 splits were the best or within 3% of it over 2.5K-8K tokens of
+# context), 2 warps, and 3 pipeline stages once one split per sequence fills the GPU (batch 64).
 DECODE_PROGRAMS_PER_SM = 6
 DECODE_MAX_SPLITS = 64
-DECODE_NUM_WARPS = None  # 4 with several splits, 2 without
-DECODE_NUM_STAGES = 2
+DECODE_NUM_WARPS = 2
+DECODE_NUM_STAGES = None  # 3 with one split, 2 with several
+
+
+def _head_parts(head_dim: int) -> tuple[int, int]:
+    """Two power-of-two widths covering a head (96 -> 64 + 32; 128 -> 64 + 64; 112 -> 64 + 64, the
+    second masked), so that the tiles of common head sizes load without masked columns."""
+    if head_dim & (head_dim - 1) == 0:
+        return max(1, head_dim // 2), max(1, head_dim // 2)
+    first = 1 << (head_dim.bit_length() - 1)
+    return first, triton.next_power_of_2(head_dim - first)
 
 
 def decode_splits(num_seqs: int, num_heads: int, num_sms: int, programs_per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
@@ -204,14 +243,14 @@ def rope_and_write_kv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         qkv, cos, sin, k_pool, v_pool, slot_mapping, qkv.stride(0), cos.stride(0),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
         BLOCK_SIZE=k_pool.shape[2], HALF=half, HEAD_DIM=head_dim, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_HEADS=block_heads,
+        BLOCK_HEADS=block_heads, **pdl_launch(qkv),
     )
 
 
 def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, num_heads: int, head_dim: int, num_splits: int,
                            scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                           num_warps: int | None = DECODE_NUM_WARPS, num_stages: int = DECODE_NUM_STAGES) -> torch.Tensor:
+                           num_warps: int = DECODE_NUM_WARPS, num_stages: int | None = DECODE_NUM_STAGES) -> torch.Tensor:
     """One query per sequence (rows of qkv) over its cached context -> (B, H * D).
 
     The query's own key/value must already be in the pool (write_kv first). `scratch` lets a
@@ -228,21 +267,26 @@ def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
             torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=qkv.device),
         )
     acc, m, l = scratch
-    if num_warps is None:
-        num_warps = 4 if num_splits > 1 else 2
+    if num_stages is None:
+        num_stages = 3 if num_splits == 1 else 2
     out = torch.empty((num_seqs, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
-    block_d = triton.next_power_of_2(head_dim)
+    part_a, part_b = _head_parts(head_dim)
+    launch = pdl_launch(qkv)
     _decode_split_kernel[(num_seqs, num_heads, num_splits)](
-        qkv, k_pool, v_pool, block_tables, context_lens, acc, m, l,
+        qkv, k_pool, v_pool, block_tables, context_lens, acc, m, l, out,
         qkv.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
-        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),
         1.0 / math.sqrt(head_dim), NUM_SPLITS=num_splits, KV_GROUP=num_heads // num_kv_heads,
-        BLOCK_SIZE=k_pool.shape[2], HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_STAGES=num_stages, num_warps=num_warps,
+        BLOCK_SIZE=k_pool.shape[2], HEAD_DIM=head_dim, D_A=part_a, D_B=part_b, NUM_STAGES=num_stages,
+        num_warps=num_warps, **launch,
     )
-    _decode_combine_kernel[(num_seqs, num_heads)](
-        acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),
-        NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
-    )
+    if num_splits > 1:
+        block_d = triton.next_power_of_2(head_dim)
+        _decode_combine_kernel[(num_seqs, num_heads)](
+            acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),
+            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            **launch,
+        )
     return out
 
 

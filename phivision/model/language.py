@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import TextConfig
-from ..kernels.fused import add_rms_norm, rms_norm, silu_mul
-from ..kernels.gemv import linear
+from ..kernels.fused import add_rms_norm, rms_norm
+from ..kernels.gemv import gated_linear, linear
 from .rope import LongRopeEmbedding, apply_rotary
 
 
@@ -160,8 +160,8 @@ class Phi3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # up * silu(gate), gate first; `linear` is nn.Linear's product with a batch-1 kernel on CUDA.
-        return linear(silu_mul(linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
+        # down(up * silu(gate)), gate first; at batch 1 on CUDA the gate is formed inside the down product.
+        return gated_linear(linear(x, self.gate_up_proj.weight), self.down_proj.weight)
 
 
 class Phi3DecoderLayer(nn.Module):
