@@ -23,6 +23,7 @@ from phivision.kernels.paged_attention import (
     decode_splits,
     paged_decode_attention,
     paged_decode_attention_reference,
+    qkv_rope_write_kv,
     rope_and_write_kv_,
     write_kv,
 )
@@ -116,6 +117,22 @@ def check_kernels() -> list[dict]:
     rope_qk_(c2, cos, sin, 32, 32, 96)
     write_kv(c2, k2, v2, slots, 32, 32, 96)
     rows.append({"check": "rope_and_write_kv_ vs rope_qk_+write_kv", "rel_err": rel(c1, c2) + rel(k1, k2) + rel(v1, v2)})
+    # batch-1 fused qkv product + rotary + cache write against the product then rope_and_write_kv_
+    for dtype in (torch.bfloat16, torch.float16):
+        x1 = torch.randn(1, 3072, device=dev, dtype=dtype)
+        wqkv = torch.randn(96 * 96, 3072, device=dev, dtype=dtype) * 0.02
+        cos1, sin1 = torch.randn(96, device=dev, dtype=dtype), torch.randn(96, device=dev, dtype=dtype)
+        pools = [torch.zeros(4, 32, 16, 96, device=dev, dtype=dtype) for _ in range(4)]
+        slot = torch.tensor([37], device=dev)
+        fused = qkv_rope_write_kv(x1, wqkv, cos1, sin1, pools[0], pools[1], slot, 32, 32, 96)
+        plain = torch.nn.functional.linear(x1, wqkv)
+        rope_and_write_kv_(plain, cos1[None], sin1[None], pools[2], pools[3], slot, 32, 32, 96)
+        # the cache holds exactly the fused output's k and v
+        k_row = pools[0][37 // 16, :, 37 % 16].reshape(-1)
+        v_row = pools[1][37 // 16, :, 37 % 16].reshape(-1)
+        exact = torch.equal(k_row, fused[0, 3072:6144]) and torch.equal(v_row, fused[0, 6144:])
+        rows.append({"check": f"qkv_rope_write_kv vs linear+rope_and_write_kv_ {dtype} (cache = output: {exact})",
+                     "rel_err": rel(fused, plain) + rel(pools[0], pools[2]) + rel(pools[1], pools[3]) + float(not exact)})
     return rows
 
 

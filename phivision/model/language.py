@@ -130,11 +130,12 @@ class Phi3Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         batch, num_new, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = linear(x, self.qkv_proj.weight)  # (B, T, (H + 2*H_kv) * D)
         if getattr(cache, "paged", False):
-            # The engine's paged pool: fused rotary, cache write and paged attention kernels.
-            out = cache.attend_qkv(self.layer_idx, qkv, inputs.cos, inputs.sin, self.num_heads, self.num_kv_heads, self.head_dim)
+            # The engine's paged pool: fused projection / rotary / cache write and paged attention kernels.
+            out = cache.project_attend(self.layer_idx, x, self.qkv_proj.weight, inputs.cos, inputs.sin, self.num_heads,
+                                       self.num_kv_heads, self.head_dim)  # (B, T, H*D)
             return linear(out, self.o_proj.weight)
+        qkv = linear(x, self.qkv_proj.weight)  # (B, T, (H + 2*H_kv) * D)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
