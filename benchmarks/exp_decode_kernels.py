@@ -23,7 +23,12 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from phivision.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
+from phivision.kernels.paged_attention import (
+    _decode_combine_kernel,
+    _split_blocks,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
 
 HEADS, DIM, BLOCK = 32, 96, 64
 
@@ -38,11 +43,7 @@ def _attn_dot(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L, OUT,
     head = tl.program_id(1)
     split = tl.program_id(2)
     kv_head = head // KV_GROUP
-    context = tl.load(CONTEXT_LENS + seq)
-    num_blocks = tl.cdiv(context, BLOCK_SIZE)
-    per_split = tl.cdiv(num_blocks, NUM_SPLITS)
-    first = split * per_split
-    last = tl.minimum(first + per_split, num_blocks)
+    context, first, last = _split_blocks(CONTEXT_LENS, seq, split, NUM_SPLITS, BLOCK_SIZE)
     t = tl.arange(0, BLOCK_SIZE)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
@@ -78,26 +79,6 @@ def _attn_dot(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L, OUT,
         tl.store(L + seq * stride_ml_b + head * stride_ml_h + split + r * 0, l, mask=r == 0)
 
 
-@triton.jit
-def _combine(ACC, M, L, OUT, stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
-             stride_out_b, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    s = tl.arange(0, SPLITS_P2)
-    s_mask = s < NUM_SPLITS
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    m = tl.load(M + seq * stride_ml_b + head * stride_ml_h + s, mask=s_mask, other=float("-inf"))
-    l = tl.load(L + seq * stride_ml_b + head * stride_ml_h + s, mask=s_mask, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
-    acc = tl.load(ACC + seq * stride_acc_b + head * stride_acc_h + s[:, None] * stride_acc_s + d[None, :],
-                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(OUT + seq * stride_out_b + head * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d_mask)
-
-
 def attn_variant(kind, qkv, k_pool, v_pool, tables, ctx, splits, warps, stages):
     b = qkv.shape[0]
     acc = torch.empty((b, HEADS, splits, 128), dtype=torch.float32, device="cuda")
@@ -113,9 +94,10 @@ def attn_variant(kind, qkv, k_pool, v_pool, tables, ctx, splits, warps, stages):
         _attn_dot[grid](*common, NUM_SPLITS=splits, KV_GROUP=1, BLOCK_SIZE=BLOCK, HEAD_DIM=DIM, BLOCK_D=128,
                         NUM_STAGES=stages, num_warps=warps)
         if splits > 1:
-            _combine[(b, HEADS)](acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-                                 out.stride(0), NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-                                 HEAD_DIM=DIM, BLOCK_D=128)
+            _decode_combine_kernel[(b, HEADS)](acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0),
+                                               m.stride(1), out.stride(0), NUM_SPLITS=splits,
+                                               SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=DIM, BLOCK_D=128,
+                                               USE_PDL=False)
         return out
 
     return run

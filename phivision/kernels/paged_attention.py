@@ -151,6 +151,16 @@ if triton_available():
                 tl.store(K_POOL + dst + HALF, b)
 
     @triton.jit
+    def _split_blocks(CONTEXT_LENS, seq, split, NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """(context length, first block, end block) of this split of sequence `seq`'s cached blocks:
+        the blocks are shared out evenly at run time, so one launch shape serves every length."""
+        context = tl.load(CONTEXT_LENS + seq)
+        num_blocks = tl.cdiv(context, BLOCK_SIZE)
+        per_split = tl.cdiv(num_blocks, NUM_SPLITS)
+        first = split * per_split
+        return context, first, tl.minimum(first + per_split, num_blocks)
+
+    @triton.jit
     def _decode_split_kernel(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L, OUT,
                              stride_tok, stride_kb, stride_kh, stride_kt, stride_bt,
                              stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h, stride_out_b,
@@ -168,11 +178,7 @@ if triton_available():
         head = tl.program_id(1)
         split = tl.program_id(2)
         kv_head = head // KV_GROUP
-        context = tl.load(CONTEXT_LENS + seq)
-        num_blocks = tl.cdiv(context, BLOCK_SIZE)
-        per_split = tl.cdiv(num_blocks, NUM_SPLITS)
-        first = split * per_split
-        last = tl.minimum(first + per_split, num_blocks)
+        context, first, last = _split_blocks(CONTEXT_LENS, seq, split, NUM_SPLITS, BLOCK_SIZE)
 
         t = tl.arange(0, BLOCK_SIZE)
         da = tl.arange(0, D_A)
