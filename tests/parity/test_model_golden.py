@@ -107,9 +107,11 @@ def test_clip_features_and_image_embeddings(model, inputs, golden, cases):
     expected = golden["one_image_nc4__image_embeds"]  # (757, hidden), in prompt order
     assert embeds.shape == expected.shape
     # The projector output reaches |x| ~ 600, where one float32 ulp is 6e-5: the bound is relative to
-    # the tensor's scale (~10 ulp), and the input CLIP features above already agree within 1e-4.
+    # the tensor's scale, and the input CLIP features above already agree within 1e-4. Float32 matrix
+    # products sum in an order that depends on the CPU's kernels: 1.0e-6 of the scale on one machine,
+    # 2.7e-6 on a Xeon with AVX-512 FP16 (a wrong operation would be off by the scale itself).
     scale = expected.abs().max().item()
-    assert (embeds - expected).abs().max().item() <= 1e-6 * scale
+    assert (embeds - expected).abs().max().item() <= 1e-5 * scale
 
 
 def test_skipping_padding_crops_changes_nothing(model, processor_golden):
