@@ -2,7 +2,7 @@
 
     python benchmarks/profile_prefill.py --model CKPT_DIR [--sections steps,vision,w3,w1,w2,prep,prefill]
 
-steps: timed W4-style adds and steps; vision: wall and GPU time of preparing n W4 requests for
+host: the host's part of W1/W2's preparation (decoding, canvases, threads); steps: timed W4-style adds and steps; vision: wall and GPU time of preparing n W4 requests for
 several n (each a new crop count, as a server sees them); w3: W3's 8K-token prefill, timed and
 profiled; w1, w2: the workload's time to first token in its parts (CPU half, vision half, prefill),
 then a profile of its preparation; prep: a profile of preparing 32 W4 requests; prefill: a profile of
@@ -34,7 +34,8 @@ from phivision.weights import load_model  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 ACTIVITIES = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
-SECTIONS = ("steps", "vision", "w3", "w1", "w2", "prep", "prefill")
+SECTIONS = ("host", "steps", "vision", "w3", "w1", "w2", "prep", "prefill")
+TRACE_DIR: Path | None = None  # --trace: each profiled call also writes a Chrome trace there
 ONE_TOKEN = SamplingParams(max_new_tokens=1, ignore_eos=True)
 
 
@@ -71,6 +72,9 @@ def profiled_call(label: str, call, cuda_rows: int, cpu_rows: int) -> None:
         sync()
         wall = time.perf_counter() - t0
     gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    if TRACE_DIR is not None:
+        TRACE_DIR.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(TRACE_DIR / (label.replace(" ", "_").replace("/", "-") + ".json")))
     print(f"{label}: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_ms:.1f} ms", flush=True)
     print_profile(prof, "cuda_time_total", cuda_rows)
     print_profile(prof, "cpu_time_total", cpu_rows)
@@ -89,6 +93,41 @@ def timed_steps(engine: Engine, label: str, requests: list[PromptRequest]) -> No
         sync()
         kinds.append((engine._last_kind, round((time.perf_counter() - s0) * 1e3, 1)))
     print(f"{label}: add {1e3 * (t1 - t0):.1f} ms; steps (kind, ms): {kinds}", flush=True)
+
+
+def section_host(engine: Engine) -> None:
+    """The host's part of W1's and W2's preparation, piece by piece: PNG decoding and HD canvases,
+    one image after another and on one thread per image, then the engine's whole CPU half."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from phivision.processing.image import hd_transform
+    from phivision.processing.loading import load_image
+
+    for name in ("W1", "W2"):
+        spec = WORKLOADS[name]
+        _, images = workload_inputs(name, engine.processor)
+        crops = spec["num_crops"]
+
+        def best(call, runs: int = 5) -> float:
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            return 1e3 * min(times)
+
+        decoded = [load_image(data) for data in images]
+        serial_decode = best(lambda: [load_image(data) for data in images])
+        serial_canvas = best(lambda: [hd_transform(image, crops, 1) for image in decoded])
+        with ThreadPoolExecutor(len(images)) as pool:
+            threaded_decode = best(lambda: list(pool.map(load_image, images)))
+            threaded_both = best(lambda: list(pool.map(lambda d: hd_transform(load_image(d), crops, 1), images)))
+        request = PromptRequest(*workload_inputs(name, engine.processor), ONE_TOKEN, crops)
+        prepare = best(lambda: engine.prepare_prompts([request]))
+        print(f"host {name} ({len(images)} images): decode {serial_decode:.1f} ms one after another, "
+              f"{threaded_decode:.1f} ms on {len(images)} threads; canvases {serial_canvas:.1f} ms one after "
+              f"another; decode + canvas on {len(images)} threads {threaded_both:.1f} ms; "
+              f"prepare_prompts {prepare:.1f} ms (best of 5)", flush=True)
 
 
 def section_steps(engine: Engine) -> None:
@@ -179,7 +218,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--trace", type=Path, help="also write a Chrome trace of each profiled call into this folder")
     args = parser.parse_args()
+    global TRACE_DIR
+    TRACE_DIR = args.trace
     sections = args.sections.split(",")
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -192,8 +234,8 @@ def main() -> None:
     for name in SECTIONS:  # in this order, whatever the order asked
         if name not in sections:
             continue
-        if name in ("steps", "vision", "prep", "prefill"):
-            {"steps": section_steps, "vision": section_vision, "prep": section_prep, "prefill": section_prefill}[name](engine)
+        if name in ("host", "steps", "vision", "prep", "prefill"):
+            {"host": section_host, "steps": section_steps, "vision": section_vision, "prep": section_prep, "prefill": section_prefill}[name](engine)
         elif name == "w3":
             section_w3(model, processor)
         else:

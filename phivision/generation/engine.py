@@ -39,6 +39,7 @@ from .runner import ModelRunner, PrefillChunk, RunnerConfig
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .vision_graphs import VisionTowerGraphs
 
 
 # Crops one vision-tower call may take across requests (~1.5 GiB of activations in bf16 at this
@@ -128,7 +129,10 @@ def _pool_tokens(model: torch.nn.Module, config: EngineConfig, max_model_len: in
     device = next(model.parameters()).device
     if device.type != "cuda":
         return max_model_len * min(config.max_num_seqs, 4)
-    activations = _peak_activation_bytes(model, config, max_model_len)
+    vision, prefill = _peak_activation_bytes(model, config, max_model_len)
+    # With the vision tower in CUDA graphs, their pool keeps up to a full vision batch's
+    # activations for good, beside the prefill's; without, the two peaks take turns.
+    activations = vision + prefill if config.use_cuda_graphs else max(vision, prefill)
     free, total = torch.cuda.mem_get_info(device)
     # The largest forwards' peak (with a quarter more for the allocator's rounding and splitting),
     # plus 1 GiB for the decode graphs and the sampler, instead of a fixed guess: the activations
@@ -140,11 +144,11 @@ def _pool_tokens(model: torch.nn.Module, config: EngineConfig, max_model_len: in
 
 
 @torch.inference_mode()
-def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig, max_model_len: int) -> int:
-    """Peak memory of the largest forwards the engine runs, measured before the KV pool exists: a
-    full vision batch (MAX_VISION_BATCH_CROPS crops) and a full prefill step (max_num_batched_tokens),
-    plus what a chunk continuing a max_model_len prompt gathers on top (its whole context's keys
-    and values, twice: gathered and repeated per head group)."""
+def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig, max_model_len: int) -> tuple[int, int]:
+    """Peak memory of the largest forwards the engine runs, measured before the KV pool exists:
+    (a full vision batch of MAX_VISION_BATCH_CROPS crops, a full prefill step of
+    max_num_batched_tokens plus what a chunk continuing a max_model_len prompt gathers on top: its
+    whole context's keys and values, twice, gathered and repeated per head group)."""
     param = next(model.parameters())
     device = param.device
     torch.cuda.synchronize(device)
@@ -153,8 +157,11 @@ def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig, max_mod
     size = model.config.vision.image_size
     images = max(1, MAX_VISION_BATCH_CROPS // 5)  # 2x2 tiles + the global view per image
     pixels = torch.zeros((images, 5, 3, size, size), dtype=torch.float32, device=device)  # as preprocessing makes them
-    model.encode_images(pixels.to(param.dtype), torch.tensor([[2 * size, 2 * size]] * images, device=device))
+    model.encode_images(pixels.to(param.dtype), torch.tensor([[2 * size, 2 * size]] * images))
     del pixels
+    torch.cuda.synchronize(device)
+    vision = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.reset_peak_memory_stats(device)
     tokens = min(config.max_num_batched_tokens, max_model_len)
     ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
     model(ids, positions=torch.arange(tokens, device=device)[None], logits_to_keep=1, has_images=False)
@@ -163,7 +170,7 @@ def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig, max_mod
     torch.cuda.empty_cache()
     text = model.config.text
     gathered = 2 * 2 * max_model_len * text.num_attention_heads * text.head_dim * param.element_size()
-    return peak + gathered
+    return vision, peak + gathered
 
 
 class Engine:
@@ -197,6 +204,9 @@ class Engine:
         # preparing half makes them beside the decoding; on the CPU the float pipeline works from the
         # resized pixels instead, so canvases would be wasted work.
         self.canvases_when_preparing = next(model.parameters()).device.type != "cpu"
+        # Vision-tower batches replay CUDA graphs (captured per crop-count bucket when first seen).
+        use_graphs = config.use_cuda_graphs and next(model.parameters()).device.type == "cuda"
+        self.vision_graphs = VisionTowerGraphs(model.vision_tower, MAX_VISION_BATCH_CROPS) if use_graphs else None
         self._requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self.num_generated_tokens = 0
@@ -354,7 +364,8 @@ class Engine:
             given = [key for _, item in group for key in item.image_keys]
             canvases = [canvas for _, item in group for canvas in (item.hd_canvases or [None] * len(item.images))]
             try:
-                features, keys, crops_run = encode_images(self.model, images, crops, cache, given, canvases)
+                features, keys, crops_run = encode_images(self.model, images, crops, cache, given, canvases,
+                                                         tower=self.vision_graphs)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: refuse this batch, keep the others
                 for index, _ in group:
                     results[index] = RuntimeError(f"could not run the vision tower: {exc}")

@@ -81,12 +81,13 @@ class ImageFeatureCache:
 
 def encode_images(
     model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None,
-    keys: Sequence[str | None] | None = None, canvases: Sequence[np.ndarray | None] | None = None,
+    keys: Sequence[str | None] | None = None, canvases: Sequence[np.ndarray | None] | None = None, tower=None,
 ) -> tuple[list[torch.Tensor], list[str], int]:
     """Features per image (running the tower once per distinct image not in `cache`), their keys,
     and how many crops went through the tower. `keys` may bring image_key values computed
     elsewhere (None entries are computed here); `canvases` hd_transform results made elsewhere
-    (used on a GPU; None entries are made here)."""
+    (used on a GPU; None entries are made here); `tower` replaces the model's vision tower (its
+    CUDA graphs)."""
     given = list(keys) if keys is not None else [None] * len(images)
     keys = [key if key is not None else image_key(image, num_crops) for image, key in zip(images, given)]
     found: dict[str, torch.Tensor | None] = {key: (cache.get(key) if cache is not None else None) for key in dict.fromkeys(keys)}
@@ -101,8 +102,9 @@ def encode_images(
         sizes = batch.image_sizes.tolist()
         num_crops_run = sum((h // CROP_SIZE) * (w // CROP_SIZE) + 1 for h, w in sizes)  # tiles + global view
         with torch.inference_mode():
+            # image_sizes stay on the CPU: the model only reads them for the crop grids.
             encoded = model.encode_images(batch.pixel_values.to(param.device, param.dtype, non_blocking=True),
-                                          batch.image_sizes.to(param.device))
+                                          batch.image_sizes, tower=tower)
         for key, features in zip(missing, encoded):
             if cache is not None:
                 cache.put(key, features)

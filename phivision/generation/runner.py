@@ -187,12 +187,13 @@ class ModelRunner:
             kind="prefill",
             slot_mapping=slots.to(self.device, non_blocking=True),
             block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
-            long_rope=torch.tensor([long_rope], device=self.device),
+            long_rope=torch.tensor([long_rope]).to(self.device, non_blocking=True),
             start=chunks[0].start,
             segments=segments,
         )
         with self._prefill_attention(chunks):
-            logits = self.model(ids[None].to(self.device, non_blocking=True),
+            # ids go on the host copy: the model places image features from it without a readback.
+            logits = self.model(ids[None],
                                 positions=positions[None].to(self.device, non_blocking=True),
                                 cache=cache, image_features=features if has_images else None,
                                 logits_positions=[offset + length - 1 for offset, length, _ in segments],

@@ -53,8 +53,12 @@ class Phi3VForCausalLM(nn.Module):
             grids.append((rows, cols))
         return grids
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
-        """(I, N+1, 3, S, S) crops + (I, 2) HD sizes -> per image (num_tokens_i, hidden) projected features."""
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, tower=None) -> list[torch.Tensor]:
+        """(I, N+1, 3, S, S) crops + (I, 2) HD sizes -> per image (num_tokens_i, hidden) projected features.
+
+        `tower` replaces self.vision_tower (e.g. its CUDA graphs; its result is used at once). Give
+        image_sizes on the CPU: on the GPU, reading them back waits for the work queued before.
+        """
         if pixel_values.dim() != 5 or image_sizes.shape != (pixel_values.shape[0], 2):
             raise PromptError(
                 f"expected pixel_values (images, crops, 3, H, W) and image_sizes (images, 2), "
@@ -65,7 +69,7 @@ class Phi3VForCausalLM(nn.Module):
         # Only the real crops (global view + tiles) of every image, as one batch: padding slots are all-zero
         # and discarded by the reference anyway.
         crops = torch.cat([pixel_values[idx, :count] for idx, count in enumerate(num_real)])  # (sum n_i, 3, S, S)
-        features = self.vision_tower(crops)  # (sum n_i, P, C)
+        features = (tower or self.vision_tower)(crops)  # (sum n_i, P, C)
         merged = [
             self.projector.layout(crop_features, rows, cols)
             for crop_features, (rows, cols) in zip(features.split(num_real), grids)
@@ -79,17 +83,22 @@ class Phi3VForCausalLM(nn.Module):
         """(B, T) ids -> (B, T, hidden); every maximal run of -g gets image g's features (g from 1)."""
         return self._embed(input_ids, image_features, bool((input_ids < 0).any()))
 
-    def _embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None, has_images: bool) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None, has_images: bool,
+               host_ids: torch.Tensor | None = None) -> torch.Tensor:
         embed_tokens = self.language_model.embed_tokens
         embeds = embed_tokens(input_ids.clamp(min=0))  # clamp makes a copy: placeholders look up id 0 for now
         if not has_images:
             return embeds
         if not image_features:
             raise PromptError("input_ids contain image placeholders (negative ids) but no images were given")
-        rows, cols, sources = placeholder_index(input_ids, [f.shape[0] for f in image_features])
+        # From a host copy of the ids when there is one: reading them back from the GPU would wait
+        # for the work queued before (the vision tower).
+        rows, cols, sources = placeholder_index(host_ids if host_ids is not None else input_ids,
+                                                [f.shape[0] for f in image_features])
         features = torch.cat(list(image_features)).to(device=embeds.device, dtype=embeds.dtype)  # (sum tokens, hidden)
         device = embeds.device
-        return embeds.index_put((rows.to(device), cols.to(device)), features[sources.to(device)])
+        rows, cols, sources = (t.to(device, non_blocking=True) for t in (rows, cols, sources))
+        return embeds.index_put((rows, cols), features[sources])
 
     # ------------------------------------------------------------------ forward
 
@@ -121,7 +130,8 @@ class Phi3VForCausalLM(nn.Module):
             raise ValueError("pass either pixel_values (+ image_sizes) or precomputed image_features, not both")
         batch, num_new = input_ids.shape
         device = self.lm_head.weight.device
-        input_ids = input_ids.to(device)
+        host_ids = input_ids if input_ids.device.type == "cpu" else None  # image placement reads ids on the host
+        input_ids = input_ids.to(device, non_blocking=True)
         past_len = 0
         paged = getattr(cache, "paged", False)
         if paged and positions is None:
@@ -150,12 +160,12 @@ class Phi3VForCausalLM(nn.Module):
             if pixel_values is None or image_sizes is None:
                 raise PromptError("input_ids contain image placeholders (negative ids) but pixel_values/image_sizes were not given")
             image_features = self.encode_images(pixel_values.to(device), image_sizes)
-        embeds = self._embed(input_ids, image_features, has_images)  # (B, T, hidden)
+        embeds = self._embed(input_ids, image_features, has_images, host_ids)  # (B, T, hidden)
         hidden = self.language_model(embeds, positions, attention_mask, cache)  # (B, T, hidden)
         if cache is not None and not paged:
             cache.advance(num_new)
         if logits_positions is not None:
-            hidden = hidden[:, torch.tensor(logits_positions, device=hidden.device)]
+            hidden = hidden[:, torch.tensor(logits_positions).to(hidden.device, non_blocking=True)]
         elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return linear(hidden, self.lm_head.weight).float()

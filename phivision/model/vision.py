@@ -7,6 +7,8 @@ rest of the checkpoint by name). Attribute names follow the checkpoint ("pre_lay
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -114,11 +116,16 @@ class ClipVisionTower(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = ClipEncoder(config)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) crops -> (N, P, C) features (hidden_states[feature_layer_idx] without CLS)."""
+    def forward(self, pixel_values: torch.Tensor, *, plan_per_shape: bool = False) -> torch.Tensor:
+        """(N, 3, S, S) crops -> (N, P, C) features (hidden_states[feature_layer_idx] without CLS).
+
+        Batches of crops come in every size (a server's, above all), so attention avoids cuDNN, which
+        plans every new shape; `plan_per_shape` lets PyTorch choose it anyway, for a caller that runs
+        each shape many times (CUDA-graph capture: on an H200, 13.3 against 13.7 ms for 17 crops,
+        30.7 against 33.8 for 40).
+        """
         h = self.pre_layrnorm(self.embeddings(pixel_values))  # (N, P+1, C)
-        # Batches of crops come in every size (a server's, above all): no cuDNN plan per size.
-        with fused_sdpa_only(h.device):
+        with contextlib.nullcontext() if plan_per_shape else fused_sdpa_only(h.device):
             for layer in self.encoder.layers:
                 h = layer(h)
         return h[:, 1:]  # (N, P, C): drop CLS

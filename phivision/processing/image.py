@@ -297,8 +297,9 @@ def hd_transform(image: Image.Image, num_crops: int, num_threads: int | None = N
 def _normalise_(values: torch.Tensor) -> torch.Tensor:
     """In place on float32 (3, ...) holding 0..255: (x / 255 - mean) / std, the reference's float32 ops in its order."""
     shape = (3,) + (1,) * (values.dim() - 1)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=values.device).view(shape)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=values.device).view(shape)
+    # Copied without waiting (torch.tensor(..., device=cuda) would wait for all work queued before).
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).to(values.device, non_blocking=True).view(shape)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).to(values.device, non_blocking=True).view(shape)
     return values.div_(255).sub_(mean).div_(std)
 
 
@@ -403,12 +404,13 @@ def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device:
         hd = _normalise_(hd).transpose(0, 1)  # (n, 3, h, w) float32
         rows, cols = height // CROP_SIZE, width // CROP_SIZE
         num_real = rows * cols
-        target = out[torch.tensor(indices, device=device)] if len(indices) != len(images) else out
+        where = torch.tensor(indices).to(device, non_blocking=True)
+        target = out[where] if len(indices) != len(images) else out
         target[:, 0] = F.interpolate(hd, size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False, antialias=False)
         # (n, 3, rows*336, cols*336) -> (n, rows, cols, 3, 336, 336): one strided copy for all tiles
         tiles = hd.reshape(len(indices), 3, rows, CROP_SIZE, cols, CROP_SIZE).permute(0, 2, 4, 1, 3, 5)
         target[:, 1 : 1 + num_real].view(len(indices), rows, cols, 3, CROP_SIZE, CROP_SIZE).copy_(tiles)
         if target is not out:
-            out[torch.tensor(indices, device=device)] = target
+            out[where] = target
     image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(images), 2)
     return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])

@@ -23,9 +23,9 @@ def count_vision(pv, monkeypatch):
     calls = []
     original = pv.model.encode_images
 
-    def counted(pixel_values, image_sizes):
+    def counted(pixel_values, image_sizes, tower=None):
         calls.append(pixel_values.shape[0])
-        return original(pixel_values, image_sizes)
+        return original(pixel_values, image_sizes, tower)
 
     monkeypatch.setattr(pv.model, "encode_images", counted)
     return calls

@@ -112,8 +112,8 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     calls = []
     real_encode = engine_module.encode_images
     monkeypatch.setattr(engine_module, "encode_images",
-                        lambda model, images, crops, cache, keys=None, canvases=None: calls.append((len(images), crops))
-                        or real_encode(model, images, crops, cache, keys, canvases))
+                        lambda model, images, crops, cache, keys=None, canvases=None, tower=None: calls.append((len(images), crops))
+                        or real_encode(model, images, crops, cache, keys, canvases, tower))
     engine = _engine(model, processor)
     cases = [c for c in tiny_manifest["cases"] if c["images"]]
     requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
@@ -255,11 +255,11 @@ def test_a_failing_vision_batch_refuses_only_its_requests(model, processor, tiny
     real_encode = engine_module.encode_images
     calls = []
 
-    def failing_second(model, images, crops, cache, keys=None, canvases=None):
+    def failing_second(model, images, crops, cache, keys=None, canvases=None, tower=None):
         calls.append(crops)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_encode(model, images, crops, cache, keys, canvases)
+        return real_encode(model, images, crops, cache, keys, canvases, tower)
 
     monkeypatch.setattr(engine_module, "encode_images", failing_second)
     engine = _engine(model, processor)
@@ -292,19 +292,21 @@ def test_one_lazily_opened_image_shared_by_many_requests(model, processor, tiny_
 def test_peak_activation_estimate_runs_the_largest_forwards(model, monkeypatch):
     """The KV-pool sizing's measurement (CUDA only; its memory counters faked here) runs a full
     vision batch and a full prefill step through the model, and adds a continued chunk's gathered
-    context for the engine's max_model_len."""
+    context for the engine's max_model_len; the vision and prefill peaks are measured apart (the
+    vision tower's CUDA graphs keep theirs beside the prefill's)."""
     from phivision.generation import engine as engine_module
 
+    peaks = iter([1000 + 4321, 1000 + 777])  # the vision batch's peak, then the prefill step's
     for name, fake in [("synchronize", lambda device=None: None), ("memory_allocated", lambda device=None: 1000),
                        ("reset_peak_memory_stats", lambda device=None: None),
-                       ("max_memory_allocated", lambda device=None: 1000 + 4321), ("empty_cache", lambda: None)]:
+                       ("max_memory_allocated", lambda device=None: next(peaks)), ("empty_cache", lambda: None)]:
         monkeypatch.setattr(torch.cuda, name, fake)
     seen = {}
     encode, forward = model.encode_images, model.forward
 
-    def spy_encode(pixels, sizes):
+    def spy_encode(pixels, sizes, tower=None):
         seen["crops"] = tuple(pixels.shape[:2])  # (images, crop slots)
-        return encode(pixels, sizes)
+        return encode(pixels, sizes, tower)
 
     def spy_forward(ids, **kwargs):
         seen["tokens"] = ids.shape[1]
@@ -315,4 +317,4 @@ def test_peak_activation_estimate_runs_the_largest_forwards(model, monkeypatch):
     peak = engine_module._peak_activation_bytes(model, EngineConfig(max_num_batched_tokens=96), max_model_len=80)
     text = model.config.text
     assert seen == {"crops": (engine_module.MAX_VISION_BATCH_CROPS // 5, 5), "tokens": 80}  # capped at max_model_len
-    assert peak == 4321 + 2 * 2 * 80 * text.num_attention_heads * text.head_dim * 4  # float32 here
+    assert peak == (4321, 777 + 2 * 2 * 80 * text.num_attention_heads * text.head_dim * 4)  # float32 here
