@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..errors import PhiVisionError, PromptError
-from ..processing.image import hd_grid, hd_transform, num_image_tokens_for_size
+from ..processing.image import hd_grid, num_image_tokens_for_size
 from ..processing.loading import load_image
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
@@ -91,8 +91,6 @@ class PreparedPrompt:
     num_crops: int
     load_s: float  # decoding and hashing the images of the batch it came in
     started: float  # perf_counter() when preparation began
-    # hd_transform of each image (GPU engines, images not cached when prepared; else None entries)
-    hd_canvases: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -200,10 +198,6 @@ class Engine:
             self.block_manager,
         )
         self.image_cache = ImageFeatureCache(config.image_cache_entries)
-        # On a GPU the vision half sends HD canvases (resized, padded uint8) to the device, and the
-        # preparing half makes them beside the decoding; on the CPU the float pipeline works from the
-        # resized pixels instead, so canvases would be wasted work.
-        self.canvases_when_preparing = next(model.parameters()).device.type != "cpu"
         # Vision-tower batches replay CUDA graphs (captured per crop-count bucket when first seen).
         use_graphs = config.use_cuda_graphs and next(model.parameters()).device.type == "cuda"
         self.vision_graphs = VisionTowerGraphs(model.vision_tower, MAX_VISION_BATCH_CROPS) if use_graphs else None
@@ -264,8 +258,8 @@ class Engine:
 
     def prepare_prompts(self, requests: Ids[PromptRequest]) -> list[PreparedPrompt | Exception]:
         """The CPU half of adding prompts: decodes and hashes every image (all requests' images side
-        by side: PIL and hashlib release the GIL), makes the HD canvases of those not cached (GPU
-        engines), tokenises, checks lengths.
+        by side: PIL and hashlib release the GIL), tokenises, checks lengths. (On a GPU, resizing
+        happens in the vision half, on the device.)
 
         Changes no engine state (it only asks the feature cache which keys it holds, a hint), so a
         server may run it on another thread while the engine steps; `add_prepared` then runs the
@@ -276,10 +270,7 @@ class Engine:
         crops_of = [request.num_crops if request.num_crops is not None else self.processor.num_crops for request in requests]
         jobs = [(index, position, image) for index, request in enumerate(requests)
                 for position, image in enumerate(request.images)]
-        make_canvases = self.canvases_when_preparing
-        resize_threads = max(1, MAX_PREPARE_THREADS // max(1, len(jobs)))  # each image's share of the cores
-
-        def load(job: tuple[int, int, Any]) -> tuple[Any, str, Any] | Exception:
+        def load(job: tuple[int, int, Any]) -> tuple[Any, str] | Exception:
             index, position, source = job
             try:
                 image = load_image(source, allow_urls=self.processor.allow_urls)
@@ -288,14 +279,7 @@ class Engine:
             keys = requests[index].image_keys
             crops = crops_of[index]
             key = keys[position] if keys is not None and keys[position] is not None else source_key(source, image, crops)
-            canvas = None
-            if make_canvases and key not in self.image_cache:
-                # The resize and padding run here, beside the other images' decoding (and off the
-                # engine thread when a server prepares on a worker); a failure is reported by the
-                # vision half, which then makes the canvas itself.
-                with contextlib.suppress(Exception):
-                    canvas = hd_transform(image, crops, resize_threads)
-            return image, key, canvas
+            return image, key
 
         # One lazily opened PIL image given to several requests must not be decoded by two threads
         # at once: such images are loaded here first (later loads find them decoded).
@@ -318,7 +302,7 @@ class Engine:
                 failed = next((item for item in per_request[index] if isinstance(item, Exception)), None)
                 if failed is not None:
                     raise failed
-                images = [image for image, _, _ in per_request[index]]
+                images = [image for image, _ in per_request[index]]
                 crops = crops_of[index]
                 num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in images]
                 ids = tokenize_prompt(self.tokenizer, request.prompt, num_tokens)
@@ -327,8 +311,8 @@ class Engine:
                         f"the prompt ({len(ids)} tokens, images included) plus max_new_tokens "
                         f"({request.params.max_new_tokens}) is over the engine's limit of {self.max_model_len} tokens"
                     )
-                results[index] = PreparedPrompt(request, images, [key for _, key, _ in per_request[index]], ids, crops,
-                                                loaded_s, started, [canvas for _, _, canvas in per_request[index]])
+                results[index] = PreparedPrompt(request, images, [key for _, key in per_request[index]], ids, crops,
+                                                loaded_s, started)
             except PhiVisionError as exc:
                 results[index] = exc
         return results  # type: ignore[return-value]
@@ -362,10 +346,8 @@ class Engine:
         for crops, group in batches:
             images = [image for _, item in group for image in item.images]
             given = [key for _, item in group for key in item.image_keys]
-            canvases = [canvas for _, item in group for canvas in (item.hd_canvases or [None] * len(item.images))]
             try:
-                features, keys, crops_run = encode_images(self.model, images, crops, cache, given, canvases,
-                                                         tower=self.vision_graphs)
+                features, keys, crops_run = encode_images(self.model, images, crops, cache, given, tower=self.vision_graphs)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: refuse this batch, keep the others
                 for index, _ in group:
                     results[index] = RuntimeError(f"could not run the vision tower: {exc}")

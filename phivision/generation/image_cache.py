@@ -6,7 +6,6 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -81,24 +80,21 @@ class ImageFeatureCache:
 
 def encode_images(
     model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None,
-    keys: Sequence[str | None] | None = None, canvases: Sequence[np.ndarray | None] | None = None, tower=None,
+    keys: Sequence[str | None] | None = None, tower=None,
 ) -> tuple[list[torch.Tensor], list[str], int]:
     """Features per image (running the tower once per distinct image not in `cache`), their keys,
     and how many crops went through the tower. `keys` may bring image_key values computed
-    elsewhere (None entries are computed here); `canvases` hd_transform results made elsewhere
-    (used on a GPU; None entries are made here); `tower` replaces the model's vision tower (its
-    CUDA graphs)."""
+    elsewhere (None entries are computed here); `tower` replaces the model's vision tower (its CUDA
+    graphs)."""
     given = list(keys) if keys is not None else [None] * len(images)
     keys = [key if key is not None else image_key(image, num_crops) for image, key in zip(images, given)]
     found: dict[str, torch.Tensor | None] = {key: (cache.get(key) if cache is not None else None) for key in dict.fromkeys(keys)}
     missing = [key for key, value in found.items() if value is None]
     num_crops_run = 0
     if missing:
-        given_canvases = list(canvases) if canvases is not None else [None] * len(images)
-        first = {key: (image, canvas) for key, image, canvas in zip(reversed(keys), reversed(images), reversed(given_canvases))}
+        first = {key: image for key, image in zip(reversed(keys), reversed(images))}
         param = next(model.parameters())
-        batch = preprocess_images([first[key][0] for key in missing], num_crops, device=param.device,
-                                  canvases=[first[key][1] for key in missing])
+        batch = preprocess_images([first[key] for key in missing], num_crops, device=param.device)
         sizes = batch.image_sizes.tolist()
         num_crops_run = sum((h // CROP_SIZE) * (w // CROP_SIZE) + 1 for h, w in sizes)  # tiles + global view
         with torch.inference_mode():

@@ -18,6 +18,9 @@ differently to be fast:
   are one strided copy into the output instead of a per-crop loop and concatenations.
 * The global view is `torch.nn.functional.interpolate(bicubic, antialias=False)` on the
   normalised HD tensor, exactly as the reference does it.
+* With a GPU (`preprocess_images(..., device=...)`) the decoded image itself goes to the device and
+  everything after decoding runs there, the resize included: `resize.py` computes PIL's two passes
+  with its integer arithmetic, so the bytes are the same.
 
 Deliberate difference: for extremely elongated images the reference computes a resized short
 side of 0 pixels and crashes inside PIL (golden case `strip_1x1000__nc1`); we use 1 pixel.
@@ -35,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .resize import resize_bilinear
 
 CROP_SIZE = 336  # CLIP ViT-L/14 input side; HD images are tiled in CROP_SIZE squares
 TOKENS_PER_CROP_SIDE = 12  # 24x24 CLIP patches merged 2x2
@@ -349,19 +354,17 @@ def preprocess_image(image: Image.Image, num_crops: int) -> ProcessedImage:
     return ProcessedImage(pixel_values=out, image_size=size, num_tokens=num_image_tokens(*size), grid=grid)
 
 
-def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: torch.device | str | None = None,
-                      canvases: Sequence[np.ndarray | None] | None = None) -> ImageBatch:
+def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: torch.device | str | None = None) -> ImageBatch:
     """Several images with one num_crops, written straight into one batch tensor (no stacking copy).
 
-    With a (CUDA) `device`, only the resize stays on the CPU: the uint8 HD images go to the device
-    and the float work (normalisation, crops, the bicubic global view) runs there, with the same
-    float32 operations, so the CPU is not the bottleneck in front of the GPU. There, `canvases` may
-    bring `hd_transform(image, num_crops)` already made (e.g. on the thread that decoded the image);
-    None entries are made here. The CPU path works from the resized pixels and ignores them.
+    With a (CUDA) `device`, only decoding stays on the CPU: the uint8 images go to the device, where
+    the resize (PIL's integer arithmetic, `resize.py`), the padding and the float work
+    (normalisation, crops, the bicubic global view, with the same float32 operations) run, so the
+    host is not the bottleneck in front of the GPU.
     """
     _check_num_crops(num_crops)
     if device is not None and torch.device(device).type != "cpu":
-        return _preprocess_images_on(images, num_crops, torch.device(device), canvases)
+        return _preprocess_images_on(images, num_crops, torch.device(device))
     out = torch.empty((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32)
     sizes = []
     num_threads = _default_num_threads()
@@ -372,35 +375,36 @@ def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: tor
     return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])
 
 
-def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device: torch.device,
-                          given: Sequence[np.ndarray | None] | None = None) -> ImageBatch:
+def hd_canvas_on(image: Image.Image, num_crops: int, device: torch.device) -> torch.Tensor:
+    """`hd_transform(image, num_crops)` computed on `device`: (h, w, 3) uint8, the same bytes."""
+    image = _to_rgb(image)
+    geometry = _hd_geometry(image.width, image.height, num_crops)
+    # One copy from PIL into (pinned) staging memory, then an asynchronous transfer.
+    staging = torch.empty((image.height, image.width, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    staging.numpy()[...] = np.asarray(image)
+    source = staging.to(device, non_blocking=True)  # (H, W, 3)
+    core = resize_bilinear(source, *geometry.resized_size, vertical_first=geometry.transposed)
+    if tuple(core.shape[:2]) == geometry.hd_size:
+        return core  # no padding
+    canvas = torch.full((*geometry.hd_size, 3), PAD_VALUE, dtype=torch.uint8, device=device)
+    rows, cols = _pad_slices(geometry)
+    canvas[rows, cols] = core
+    return canvas
+
+
+def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device: torch.device) -> ImageBatch:
     out = torch.zeros((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32, device=device)
-    given = list(given) if given is not None else [None] * len(images)
-    todo = [index for index, canvas in enumerate(given) if canvas is None]
-    canvases = list(given)
-    if len(todo) > 1:
-        # Resizes run side by side (PIL releases the GIL); each large one also splits itself into
-        # strips, over its share of the threads.
-        threads = _default_num_threads()
-        share = max(1, threads // len(todo))
-        with ThreadPoolExecutor(max(1, min(len(todo), threads))) as pool:
-            for index, canvas in zip(todo, pool.map(lambda i: hd_transform(images[i], num_crops, share), todo)):
-                canvases[index] = canvas
-    elif todo:
-        canvases[todo[0]] = hd_transform(images[todo[0]], num_crops)
+    canvases = [hd_canvas_on(image, num_crops, device) for image in images]
     sizes = [tuple(canvas.shape[:2]) for canvas in canvases]
-    # Images with the same HD size share one copy and one set of float kernels (a server adding
-    # many same-sized images at once pays per batch, not per image); the float32 operations per
-    # pixel are the same as image by image.
+    # Images with the same HD size share one set of float kernels (a server adding many same-sized
+    # images at once pays per batch, not per image); the float32 operations per pixel are the same
+    # as image by image.
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)
     for (height, width), indices in by_size.items():
-        # One copy of each canvas, straight into (pinned) staging memory, then one transfer.
-        stacked = torch.empty((len(indices), height, width, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
-        for slot, i in enumerate(indices):
-            stacked[slot].numpy()[...] = canvases[i]  # canvases may be read-only (torch.from_numpy would warn)
-        hd = stacked.to(device, non_blocking=True).permute(3, 0, 1, 2).float()  # (3, n, h, w)
+        stacked = torch.stack([canvases[i] for i in indices])  # (n, h, w, 3) uint8
+        hd = stacked.permute(3, 0, 1, 2).float()  # (3, n, h, w)
         hd = _normalise_(hd).transpose(0, 1)  # (n, 3, h, w) float32
         rows, cols = height // CROP_SIZE, width // CROP_SIZE
         num_real = rows * cols

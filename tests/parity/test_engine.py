@@ -112,8 +112,8 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     calls = []
     real_encode = engine_module.encode_images
     monkeypatch.setattr(engine_module, "encode_images",
-                        lambda model, images, crops, cache, keys=None, canvases=None, tower=None: calls.append((len(images), crops))
-                        or real_encode(model, images, crops, cache, keys, canvases, tower))
+                        lambda model, images, crops, cache, keys=None, tower=None: calls.append((len(images), crops))
+                        or real_encode(model, images, crops, cache, keys, tower))
     engine = _engine(model, processor)
     cases = [c for c in tiny_manifest["cases"] if c["images"]]
     requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
@@ -131,39 +131,6 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     ids = [results[0], *results[2:]]
     for case, rid in zip(cases, ids):
         assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
-
-
-def test_canvases_made_while_preparing_for_images_not_cached(model, processor, tiny_manifest, processor_golden):
-    """A GPU engine makes each uncached image's HD canvas in the preparing half (here forced on a CPU
-    engine): the canvas equals hd_transform's, an image already cached gets none, and the requests
-    still produce their golden tokens."""
-    import numpy as np
-
-    from phivision.generation.engine import PromptRequest
-    from phivision.processing.image import hd_transform
-    from phivision.processing.loading import load_image
-
-    engine = _engine(model, processor)
-    assert engine.canvases_when_preparing is False  # on the CPU they would be wasted work
-    engine.canvases_when_preparing = True
-    cases = [c for c in tiny_manifest["cases"] if c["images"]]
-    requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
-                for c in cases]
-    prepared = engine.prepare_prompts(requests)
-    for case, item in zip(cases, prepared):
-        assert len(item.hd_canvases) == len(case["images"])
-        for path, canvas in zip(case["images"], item.hd_canvases):
-            assert np.array_equal(canvas, hd_transform(load_image(str(processor_golden / path)), case["num_crops"]))
-    ids = engine.add_prepared(prepared)
-    tokens = {rid: [] for rid in ids}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.token_id is not None:
-                tokens[out.request_id].append(out.token_id)
-    for case, rid in zip(cases, ids):
-        assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
-    again = engine.prepare_prompts(requests[:1])[0]  # its images are in the feature cache now
-    assert again.hd_canvases == [None] * len(cases[0]["images"])
 
 
 def test_prepared_on_another_thread_while_stepping(model, processor, tiny_manifest, processor_golden):
@@ -255,11 +222,11 @@ def test_a_failing_vision_batch_refuses_only_its_requests(model, processor, tiny
     real_encode = engine_module.encode_images
     calls = []
 
-    def failing_second(model, images, crops, cache, keys=None, canvases=None, tower=None):
+    def failing_second(model, images, crops, cache, keys=None, tower=None):
         calls.append(crops)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_encode(model, images, crops, cache, keys, canvases, tower)
+        return real_encode(model, images, crops, cache, keys, tower)
 
     monkeypatch.setattr(engine_module, "encode_images", failing_second)
     engine = _engine(model, processor)

@@ -17,6 +17,8 @@ from safetensors.numpy import load_file
 
 from phivision.processing.image import (
     CROP_SIZE,
+    _preprocess_images_on,
+    hd_canvas_on,
     hd_grid,
     hd_size,
     hd_transform,
@@ -101,6 +103,8 @@ def test_image_case(index, results, golden_tensors, processor_golden):
     if expected.get("hd_transform_png"):
         with Image.open(processor_golden / expected["hd_transform_png"]) as png:
             assert np.array_equal(hd, np.asarray(png.convert("RGB")))
+    # The GPU path's HD image (resize as integer tensor ops, run on the CPU here): the same bytes.
+    assert _sha256(hd_canvas_on(image, num_crops, torch.device("cpu")).numpy()) == expected["hd_sha256"]
 
     # Pixel values: shape, every slot's sha256 (global view included), stats, subsamples.
     pixel_values = processed.pixel_values.numpy()
@@ -108,6 +112,8 @@ def test_image_case(index, results, golden_tensors, processor_golden):
     assert not pixel_values[expected["num_real_crops_incl_global"] :].any()
     slot_hashes = [_sha256(slot.astype("<f4")) for slot in pixel_values]
     assert slot_hashes == expected["per_crop_sha256_f32"]
+    on_device = _preprocess_images_on([image], num_crops, torch.device("cpu")).pixel_values[0].numpy()
+    assert [_sha256(slot.astype("<f4")) for slot in on_device] == expected["per_crop_sha256_f32"]  # the GPU path's code
     for slot, stats in zip(pixel_values, expected["per_crop_stats"]):
         values = slot.astype(np.float64)
         got = {"sum": values.sum(), "abs_sum": np.abs(values).sum(), "sum_sq": (values * values).sum(), "min": values.min(), "max": values.max()}

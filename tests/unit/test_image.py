@@ -253,25 +253,16 @@ def test_rejects_non_pil_input():
 
 
 def test_device_path_equals_cpu_path():
-    """The path that sends uint8 HD images to the GPU does the same float32 work there; run on the CPU
-    here, it must give the CPU path's exact pixels."""
+    """The path that sends decoded uint8 images to the GPU resizes (integer arithmetic), pads and does
+    the same float32 work there; run on the CPU here, it must give the CPU path's exact pixels."""
     from phivision.processing.image import _preprocess_images_on
 
     rng = np.random.default_rng(7)
     # Two pairs of same-sized images (processed as batches) among others.
-    shapes = ((300, 451), (720, 1280), (300, 451), (50, 40), (720, 1280))
+    shapes = ((300, 451), (720, 1280), (300, 451), (50, 40), (720, 1280), (1000, 333), (2, 900))
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
     expected = preprocess_images(images, 4)
     got = _preprocess_images_on(images, 4, torch.device("cpu"))
     assert torch.equal(got.pixel_values, expected.pixel_values)
     assert torch.equal(got.image_sizes, expected.image_sizes)
     assert got.num_image_tokens == expected.num_image_tokens
-    # HD canvases made beforehand (as an engine's preparing thread does) for some of the images.
-    canvases = [hd_transform(image, 4) if i % 2 == 0 else None for i, image in enumerate(images)]
-    given = _preprocess_images_on(images, 4, torch.device("cpu"), canvases)
-    assert torch.equal(given.pixel_values, expected.pixel_values)
-    assert torch.equal(given.image_sizes, expected.image_sizes)
-    # ...and they are what is used: image 2's canvas given for image 0 (same size) changes image 0 only.
-    canvases[0] = canvases[2]
-    swapped = _preprocess_images_on(images, 4, torch.device("cpu"), canvases).pixel_values
-    assert torch.equal(swapped[0], expected.pixel_values[2]) and torch.equal(swapped[1:], expected.pixel_values[1:])
