@@ -115,16 +115,44 @@ def real_shapes_vs_fp32(shared: Path, steps: int = 32) -> dict:
             "rel_err_per_position": errors, "argmax_agreement": (fast_logits.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
+def device_resize_exact(shared: Path) -> list[dict]:
+    """The GPU path's HD image (resize as integer tensor ops on CUDA) against hd_transform (PIL on the
+    host), byte for byte: the golden processor images and photo-sized random ones."""
+    import numpy as np
+    from PIL import Image
+
+    from phivision.processing.image import hd_canvas_on, hd_transform
+
+    images = []
+    for path in sorted((shared / "golden" / "processor" / "images").glob("*.png")):
+        with Image.open(path) as image:
+            image.load()
+            images.append((path.name, image.copy()))
+    rng = np.random.default_rng(0)
+    for height, width in ((720, 1280), (3024, 4032), (4032, 3024), (1000, 333), (5, 2000)):
+        images.append((f"random_{width}x{height}", Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))))
+    rows = []
+    for name, image in images:
+        for num_crops in (4, 16):
+            ours = hd_canvas_on(image, num_crops, torch.device("cuda")).cpu().numpy()
+            rows.append({"image": name, "num_crops": num_crops, "exact": bool(np.array_equal(ours, hd_transform(image, num_crops)))})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["device_resize"] = device_resize_exact(args.shared)
     report["golden_engine"] = golden_through_engine(args.shared)
     report["real_shapes_vs_fp32"] = real_shapes_vs_fp32(args.shared)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
+    exact = [row for row in report["device_resize"] if row["exact"]]
+    print(f"GPU resize + padding equal to hd_transform: {len(exact)}/{len(report['device_resize'])} "
+          f"(images x num_crops); not equal: {[r for r in report['device_resize'] if not r['exact']]}")
     for row in report["golden_engine"]:
         print(f"{row['dtype']:9} {row['case']:38} argmax {row['argmax_agreement']:.4f} greedy {row['greedy_identical']!s:5} "
               f"diff@{row['first_greedy_diff']}")

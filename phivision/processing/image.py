@@ -375,26 +375,40 @@ def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: tor
     return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])
 
 
+def hd_canvases_on(images: Sequence[Image.Image], num_crops: int, device: torch.device) -> list[torch.Tensor]:
+    """`hd_transform(image, num_crops)` of each image, computed on `device`: (h, w, 3) uint8 tensors,
+    the same bytes. Images of the same size share one transfer and one set of resize kernels."""
+    images = [_to_rgb(image) for image in images]
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(image.size, []).append(index)
+    canvases: list[torch.Tensor | None] = [None] * len(images)
+    for (width, height), indices in by_size.items():
+        geometry = _hd_geometry(width, height, num_crops)
+        # One copy from PIL into (pinned) staging memory per image, then one asynchronous transfer.
+        staging = torch.empty((len(indices), height, width, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        for slot, index in enumerate(indices):
+            staging[slot].numpy()[...] = np.asarray(images[index])
+        sources = staging.to(device, non_blocking=True)  # (n, H, W, 3)
+        core = resize_bilinear(sources, *geometry.resized_size, vertical_first=geometry.transposed)
+        if tuple(core.shape[1:3]) != geometry.hd_size:
+            padded = torch.full((len(indices), *geometry.hd_size, 3), PAD_VALUE, dtype=torch.uint8, device=device)
+            rows, cols = _pad_slices(geometry)
+            padded[:, rows, cols] = core
+            core = padded
+        for slot, index in enumerate(indices):
+            canvases[index] = core[slot]
+    return canvases  # type: ignore[return-value]
+
+
 def hd_canvas_on(image: Image.Image, num_crops: int, device: torch.device) -> torch.Tensor:
     """`hd_transform(image, num_crops)` computed on `device`: (h, w, 3) uint8, the same bytes."""
-    image = _to_rgb(image)
-    geometry = _hd_geometry(image.width, image.height, num_crops)
-    # One copy from PIL into (pinned) staging memory, then an asynchronous transfer.
-    staging = torch.empty((image.height, image.width, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    staging.numpy()[...] = np.asarray(image)
-    source = staging.to(device, non_blocking=True)  # (H, W, 3)
-    core = resize_bilinear(source, *geometry.resized_size, vertical_first=geometry.transposed)
-    if tuple(core.shape[:2]) == geometry.hd_size:
-        return core  # no padding
-    canvas = torch.full((*geometry.hd_size, 3), PAD_VALUE, dtype=torch.uint8, device=device)
-    rows, cols = _pad_slices(geometry)
-    canvas[rows, cols] = core
-    return canvas
+    return hd_canvases_on([image], num_crops, device)[0]
 
 
 def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device: torch.device) -> ImageBatch:
     out = torch.zeros((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32, device=device)
-    canvases = [hd_canvas_on(image, num_crops, device) for image in images]
+    canvases = hd_canvases_on(images, num_crops, device)
     sizes = [tuple(canvas.shape[:2]) for canvas in canvases]
     # Images with the same HD size share one set of float kernels (a server adding many same-sized
     # images at once pays per batch, not per image); the float32 operations per pixel are the same

@@ -14,6 +14,10 @@ arithmetic as Pillow's `Resample.c`:
 * the horizontal pass runs first, unless the caller asks for the vertical one first (the
   reference's portrait images are transposed before PIL sees them).
 
+That is PIL's resize as two one-axis calls, which is how the host path resizes and what the golden
+HD images confirm; Pillow's own one-call resize may run its passes in the other order for some
+sizes (e.g. Pillow 13 here), which changes some pixels by one.
+
 Integer sums do not depend on their order, so the result equals PIL's whatever the device.
 """
 
@@ -57,7 +61,7 @@ def pil_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _resize_axis(image: torch.Tensor, out_size: int, axis: int) -> torch.Tensor:
-    """One pass along `axis` (0: rows, i.e. vertical; 1: columns, horizontal) of an (H, W, C) uint8 tensor."""
+    """One pass along `axis` (-3: rows, i.e. vertical; -2: columns, horizontal) of (..., H, W, C) uint8."""
     in_size = image.shape[axis]
     if in_size == out_size:
         return image  # PIL skips a pass that keeps the size
@@ -66,24 +70,26 @@ def _resize_axis(image: torch.Tensor, out_size: int, axis: int) -> torch.Tensor:
     index = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(taps)[None, :], in_size - 1))  # (out, taps)
     index = index.to(image.device, non_blocking=True)
     weights = torch.from_numpy(fixed).to(image.device, non_blocking=True)  # (out, taps) int32
-    shape = [1, 1, 1]
+    shape = [1] * image.dim()
     shape[axis] = out_size
     out_shape = list(image.shape)
     out_shape[axis] = out_size
     acc = torch.full(out_shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
     for tap in range(taps):
-        source = image.index_select(axis, index[:, tap]).to(torch.int32)  # (.., out, ..) along axis
+        source = image.index_select(axis, index[:, tap]).to(torch.int32)  # out_size entries along axis
         acc += source * weights[:, tap].view(shape)
     return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
 def resize_bilinear(image: torch.Tensor, width: int, height: int, *, vertical_first: bool = False) -> torch.Tensor:
-    """(H, W, C) uint8 -> (height, width, C) uint8, equal to PIL's `Image.resize((width, height), BILINEAR)`
-    (with vertical_first: to PIL's resize of the transposed image, transposed back)."""
-    if image.dtype != torch.uint8 or image.dim() != 3:
-        raise ValueError(f"expected an (H, W, C) uint8 tensor, got {image.dtype} {tuple(image.shape)}")
+    """(..., H, W, C) uint8 -> (..., height, width, C) uint8, each image equal to PIL's
+    `Image.resize((width, height), BILINEAR)` run as two passes, horizontal first (with
+    vertical_first: to the same of the transposed image, transposed back). Leading axes batch
+    same-sized images into one set of kernels."""
+    if image.dtype != torch.uint8 or image.dim() < 3:
+        raise ValueError(f"expected an (..., H, W, C) uint8 tensor, got {image.dtype} {tuple(image.shape)}")
     if width < 1 or height < 1:
         raise ValueError(f"the target size must be positive, got {width}x{height}")
     if vertical_first:
-        return _resize_axis(_resize_axis(image, height, 0), width, 1)
-    return _resize_axis(_resize_axis(image, width, 1), height, 0)
+        return _resize_axis(_resize_axis(image, height, -3), width, -2)
+    return _resize_axis(_resize_axis(image, width, -2), height, -3)
