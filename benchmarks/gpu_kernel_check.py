@@ -158,24 +158,6 @@ def check_kernels() -> list[dict]:
     return rows
 
 
-def bench_norm_gemv() -> list[dict]:
-    """The gate_up product with the RMSNorm taken in, per block height, against add_rms_norm then
-    the product (each timed as a CUDA graph of 20 calls, so launch gaps count as in a decode step)."""
-    import triton.testing
-
-    x = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
-    residual, ln = torch.randn_like(x), torch.ones(3072, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(16384, 3072, device="cuda", dtype=torch.bfloat16) * 0.02
-    cases = {"add_rms_norm + gemv": lambda: gemv(add_rms_norm(x, residual, ln, 1e-5)[0], weight)}
-    for block_n in (4, 8, 16):
-        cases[f"norm_gemv n{block_n}"] = lambda b=block_n: norm_gemv(x, residual, ln, 1e-5, weight, block_n=b)
-    rows = []
-    for name, call in cases.items():
-        us = triton.testing.do_bench_cudagraph(lambda c=call: [c() for _ in range(20)]) * 1e3 / 20
-        rows.append({"impl": name, "us": us, "tb_s": weight.numel() * 2 / us / 1e6})
-    return rows
-
-
 def bench_decode_kernel() -> list[dict]:
     """Achieved bandwidth of the paged decode kernel alone, over a sweep of its launch settings."""
     import triton.testing
@@ -275,7 +257,6 @@ def main() -> None:
         for row in report["kernels"]:
             print(f"{row['check']:70} rel_err {row['rel_err']:.2e}")
         return
-    report["norm_gemv"] = bench_norm_gemv()
     report["decode_kernel_sweep"] = [] if args.no_sweeps else bench_decode_kernel()
     report["linears"] = [] if args.no_sweeps else bench_linears()
     model = random_real_model(args.shared)
@@ -333,8 +314,6 @@ def main() -> None:
         print(f"linear {name:8} cublas {cublas['us']:6.1f} us {cublas['tb_s']:.2f} TB/s | best {best_row['impl']} "
               f"{best_row['us']:6.1f} us {best_row['tb_s']:.2f} TB/s err {best_row['rel_err']:.1e} | default "
               f"{default['us'] if default else float('nan'):6.1f} us")
-    for row in report["norm_gemv"]:
-        print(f"gate_up product {row['impl']:22} {row['us']:6.1f} us ({row['tb_s']:.2f} TB/s of weights)")
     for key, ms in timings.items():
         off = report["decode_step_ms_no_pdl"][key]
         unfused = report["decode_step_ms_no_fused_norm"][key]
