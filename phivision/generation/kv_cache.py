@@ -142,30 +142,20 @@ class PagedBatch:
         self.scratch = scratch
 
     def project_attend(self, layer_idx: int, x: torch.Tensor, qkv_weight: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                       norm: tuple[torch.Tensor | None, torch.Tensor, float] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T, hidden) inputs -> ((B, T, H * D) attention output, h): the qkv projection, rotary,
-        cache write and attention. A decode step of one sequence does the first three in one kernel.
-        With norm = (residual or None, norm weight, eps) the inputs are first normalised,
-        rms_norm(h) * weight with h = x + residual (x when None), inside that kernel where it runs;
-        h is returned (None without norm)."""
-        from ..kernels.fused import add_rms_norm, rms_norm
+                       sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """(B, T, hidden) normed inputs -> (B, T, H * D) attention output: the qkv projection, rotary,
+        cache write and attention. A decode step of one sequence does the first three in one kernel."""
         from ..kernels.gemv import linear
         from ..kernels.paged_attention import paged_decode_attention, qkv_rope_write_kv
 
         if self.kind == "decode" and x.shape[0] * x.shape[1] == 1 and x.is_cuda:
             k_pool, v_pool = self.pool.keys[layer_idx], self.pool.values[layer_idx]
-            flat, h = qkv_rope_write_kv(x, qkv_weight, cos, sin, k_pool, v_pool, self.slot_mapping,
-                                        num_heads, num_kv_heads, head_dim, norm)  # (1, (H + 2*H_kv) * D), rotated
+            flat = qkv_rope_write_kv(x, qkv_weight, cos, sin, k_pool, v_pool, self.slot_mapping,
+                                     num_heads, num_kv_heads, head_dim)  # (1, (H + 2*H_kv) * D), rotated
             out = paged_decode_attention(flat, k_pool, v_pool, self.block_tables, self.context_lens, num_heads, head_dim,
                                          self.num_splits, self.scratch)  # (1, H*D)
-            return out.view(1, 1, num_heads * head_dim), h
-        h = None
-        if norm is not None:
-            residual, weight, eps = norm
-            x, h = (rms_norm(x, weight, eps), x) if residual is None else add_rms_norm(x, residual, weight, eps)
-        return self.attend_qkv(layer_idx, linear(x, qkv_weight), cos, sin, num_heads, num_kv_heads, head_dim), h
+            return out.view(1, 1, num_heads * head_dim)
+        return self.attend_qkv(layer_idx, linear(x, qkv_weight), cos, sin, num_heads, num_kv_heads, head_dim)
 
     def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:

@@ -24,12 +24,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fused_norm_enabled() -> bool:
-    """Whether batch-1 matrix-vector products take the RMSNorm before them in (PHIVISION_FUSED_NORM=0: no,
-    for comparisons)."""
-    return os.environ.get("PHIVISION_FUSED_NORM", "1") != "0"
-
-
 @functools.cache
 def _pdl_supported(device_index: int) -> bool:
     if os.environ.get("PHIVISION_PDL", "1") == "0":  # escape hatch for comparisons and old drivers

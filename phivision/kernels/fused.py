@@ -40,33 +40,6 @@ if triton_available():
         tl.store(Y + row * stride_y + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
 
     @triton.jit
-    def _norm_scale(X, R, H_OUT, K, eps, store_h, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        """For a matrix-vector kernel that takes the RMSNorm in: 1 / rms(h) of h = x (+ residual,
-        rounded to the dtype) over K columns, summed as _rmsnorm_kernel sums; writes h where store_h
-        (one program of the grid)."""
-        cols = tl.arange(0, BLOCK)
-        mask = cols < K
-        x = tl.load(X + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            x = x + tl.load(R + cols, mask=mask, other=0.0)
-            if store_h:
-                tl.store(H_OUT + cols, x, mask=mask)
-        xf = x.to(tl.float32)
-        return 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
-
-    @triton.jit
-    def _normed_tile(X, R, LNW, k, cols, K, inv, HAS_RESIDUAL: tl.constexpr):
-        """Columns [k, k + len(cols)) of rms_norm(h) * weight in float32, rounded as _rmsnorm_kernel
-        rounds (normalised to the dtype, then scaled to the dtype)."""
-        mask = (k + cols) < K
-        x = tl.load(X + k + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            x = x + tl.load(R + k + cols, mask=mask, other=0.0)
-        normed = (x.to(tl.float32) * inv).to(x.dtype)
-        w = tl.load(LNW + k + cols, mask=mask, other=0.0)
-        return (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype).to(tl.float32)
-
-    @triton.jit
     def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         if USE_PDL:
             tl.extra.cuda.gdc_wait()

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fused_norm_enabled, pdl_launch, triton_available
-from .fused import add_rms_norm, rms_norm, silu_mul
+from . import pdl_launch, triton_available
+from .fused import silu_mul
 
 # Launch settings, picked on an H100 by benchmarks/gpu_kernel_check.py (still the best of those
 # tried in a chain of a decode step's products on an H200, benchmarks/exp_decode_kernels.py).
@@ -25,21 +25,15 @@ GEMV_BLOCK_N = 4
 GEMV_BLOCK_K = 1024
 GEMV_NUM_WARPS = 4
 GEMV_NUM_STAGES = 3
-# The product that takes the RMSNorm in: every program reads the whole input vector (and the
-# residual) once more from L2 to get its rms, so fewer, taller programs keep that traffic small.
-NORM_GEMV_BLOCK_N = 8
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from .fused import _norm_scale, _normed_tile
-
     @triton.jit
-    def _gemv_x_tile(X, R, LNW, k, cols, K, inv, GATED: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    def _gemv_x_tile(X, k, cols, K, GATED: tl.constexpr):
         """Columns [k, k + BLOCK_K) of the input vector in float32; GATED: up * silu(gate) of a
-        [gate | up] vector of 2K, rounded like the reference (silu, then the product, each to the dtype);
-        NORM: rms_norm(x (+ residual)) * weight, with inv = 1 / rms from _norm_scale."""
+        [gate | up] vector of 2K, rounded like the reference (silu, then the product, each to the dtype)."""
         col_mask = (k + cols) < K
         if GATED:
             gate = tl.load(X + k + cols, mask=col_mask, other=0.0)
@@ -47,16 +41,13 @@ if triton_available():
             g = gate.to(tl.float32)
             act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
             x = (up.to(tl.float32) * act.to(tl.float32)).to(gate.dtype).to(tl.float32)
-        elif NORM:
-            x = _normed_tile(X, R, LNW, k, cols, K, inv, HAS_RESIDUAL)
         else:
             x = tl.load(X + k + cols, mask=col_mask, other=0.0).to(tl.float32)
         return x
 
     @triton.jit
-    def _gemv_kernel(X, W, Y, R, LNW, H_OUT, eps, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NUM_STAGES: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK_FULL: tl.constexpr, USE_PDL: tl.constexpr):
+    def _gemv_kernel(X, W, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NUM_STAGES: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
@@ -66,15 +57,12 @@ if triton_available():
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        inv = 0.0
-        if NORM:
-            inv = _norm_scale(X, R, H_OUT, K, eps, pid == 0, HAS_RESIDUAL, BLOCK_FULL)
-        acc = w.to(tl.float32) * _gemv_x_tile(X, R, LNW, 0, cols, K, inv, GATED, NORM, HAS_RESIDUAL)[None, :]
+        acc = w.to(tl.float32) * _gemv_x_tile(X, 0, cols, K, GATED)[None, :]
         for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
             col_mask = (k + cols) < K
             w = tl.load(W + rows[:, None] * stride_wn + (k + cols)[None, :], mask=row_mask[:, None] & col_mask[None, :],
                         other=0.0)
-            acc += w.to(tl.float32) * _gemv_x_tile(X, R, LNW, k, cols, K, inv, GATED, NORM, HAS_RESIDUAL)[None, :]
+            acc += w.to(tl.float32) * _gemv_x_tile(X, k, cols, K, GATED)[None, :]
         y = tl.sum(acc, axis=1)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
 
@@ -89,29 +77,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False, block_n:
         raise ValueError(f"gemv: input of {x.numel()} for a weight of {n}x{k} (gated={gated})")
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     launch = pdl_launch(x) if pdl else {"USE_PDL": False}
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, y, x, x, x, 0.0, n, k, weight.stride(0), BLOCK_N=block_n,
-                                             BLOCK_K=block_k, NUM_STAGES=num_stages, GATED=gated, NORM=False,
-                                             HAS_RESIDUAL=False, BLOCK_FULL=1, num_warps=num_warps, **launch)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+                                             NUM_STAGES=num_stages, GATED=gated, num_warps=num_warps, **launch)
     return y
-
-
-def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-              *, block_n: int = NORM_GEMV_BLOCK_N, block_k: int = GEMV_BLOCK_K, num_warps: int = GEMV_NUM_WARPS,
-              num_stages: int = GEMV_NUM_STAGES, pdl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight @ rms_norm(h) * norm_weight, h) with h = x + residual (x when residual is None), the
-    norm taken inside the product: every program computes the vector's rms itself (from L2) and one
-    of them writes h. Equal to add_rms_norm followed by gemv."""
-    n, k = weight.shape
-    if x.numel() != k or (residual is not None and residual.numel() != k) or norm_weight.numel() != k:
-        raise ValueError(f"norm_gemv: vectors of {x.numel()} for a weight of {n}x{k}")
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    h = torch.empty_like(x) if residual is not None else x
-    launch = pdl_launch(x) if pdl else {"USE_PDL": False}
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, y, residual if residual is not None else x, norm_weight, h, eps, n, k,
-                                             weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
-                                             GATED=False, NORM=True, HAS_RESIDUAL=residual is not None,
-                                             BLOCK_FULL=triton.next_power_of_2(k), num_warps=num_warps, **launch)
-    return y, h
 
 
 def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -130,21 +98,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if _gemv_applies(x, weight):
         return gemv(x.reshape(-1).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
-
-
-def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(rms_norm(h) * norm_weight, weight), h) with h = x + residual (x when None): for one
-    row on CUDA, one kernel that takes the norm in (unless PHIVISION_FUSED_NORM=0)."""
-    if _gemv_applies(x, weight) and fused_norm_enabled():
-        y, h = norm_gemv(x.reshape(-1).contiguous(), None if residual is None else residual.reshape(-1).contiguous(),
-                         norm_weight, eps, weight)
-        return y.view(*x.shape[:-1], weight.shape[0]), h.view_as(x)
-    if residual is None:
-        normed, h = rms_norm(x, norm_weight, eps), x
-    else:
-        normed, h = add_rms_norm(x, residual, norm_weight, eps)
-    return linear(normed, weight), h
 
 
 def gated_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

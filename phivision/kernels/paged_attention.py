@@ -26,8 +26,6 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .fused import _norm_scale, _normed_tile
-
     @triton.jit
     def _write_kv_kernel(QKV, K_POOL, V_POOL, SLOTS, stride_tok, k_offset, v_offset,
                          stride_kb, stride_kh, stride_kt,
@@ -93,11 +91,10 @@ if triton_available():
             tl.store(V_POOL + dst + HALF, b, mask=mask & is_v[:, None])
 
     @triton.jit
-    def _qkv_rope_gemv_kernel(X, W, QKV, COS, SIN, K_POOL, V_POOL, SLOTS, R, LNW, H_OUT, eps, K, stride_wn,
+    def _qkv_rope_gemv_kernel(X, W, QKV, COS, SIN, K_POOL, V_POOL, SLOTS, K, stride_wn,
                               stride_kb, stride_kh, stride_kt, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                               HEAD_DIM: tl.constexpr, HALF: tl.constexpr, PAIRS: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                              NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_FULL: tl.constexpr,
                               USE_PDL: tl.constexpr):
         # Batch-1 decode: the qkv projection of one token, its rotary and its cache write in one
         # kernel (one launch less per layer than the product followed by _rope_write_kv_kernel).
@@ -116,23 +113,14 @@ if triton_available():
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        # NORM: the input is rms_norm(x (+ residual)) * weight, normalised here (see gemv.py).
-        inv = 0.0
-        if NORM:
-            inv = _norm_scale(X, R, H_OUT, K, eps, pid == 0, HAS_RESIDUAL, BLOCK_FULL)
-            x = _normed_tile(X, R, LNW, 0, cols, K, inv, HAS_RESIDUAL)
-        else:
-            x = tl.load(X + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x = tl.load(X + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc_a = wa.to(tl.float32) * x[None, :]
         acc_b = wb.to(tl.float32) * x[None, :]
         for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
             col_mask = (k + cols) < K
             wa = tl.load(W + rows_a[:, None] * stride_wn + (k + cols)[None, :], mask=col_mask[None, :], other=0.0)
             wb = tl.load(W + rows_b[:, None] * stride_wn + (k + cols)[None, :], mask=col_mask[None, :], other=0.0)
-            if NORM:
-                x = _normed_tile(X, R, LNW, k, cols, K, inv, HAS_RESIDUAL)
-            else:
-                x = tl.load(X + k + cols, mask=col_mask, other=0.0).to(tl.float32)
+            x = tl.load(X + k + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc_a += wa.to(tl.float32) * x[None, :]
             acc_b += wb.to(tl.float32) * x[None, :]
         dtype = QKV.dtype.element_ty
@@ -334,44 +322,28 @@ QKV_ROPE_NUM_STAGES = 3
 
 def qkv_rope_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
                       v_pool: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                      head_dim: int, norm: tuple[torch.Tensor | None, torch.Tensor, float] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      head_dim: int) -> torch.Tensor:
     """One token: qkv = x @ weight.T with q and k rotated (cos/sin (D,)) and k, v written to the
-    token's slot (-1 = skip) -> ((1, (H + 2*H_kv) * D), h). With norm = (residual or None, norm
-    weight, eps) the input is rms_norm(h) * norm weight with h = x + residual (x when None), taken
-    in by the kernel, and h is returned (else None). On the CPU (and where the fused kernel does not
-    apply): the norm, the product, then rope_and_write_kv_."""
-    from .fused import add_rms_norm, rms_norm
-
+    token's slot (-1 = skip) -> (1, (H + 2*H_kv) * D). On the CPU (and where the fused kernel does
+    not apply): the product, then rope_and_write_kv_."""
     width = (num_heads + 2 * num_kv_heads) * head_dim
     half = head_dim // 2
     pairs = min(8, half & -half)  # a power of two dividing half
     if not (_use_triton(x) and x.numel() == x.shape[-1] and head_dim % 2 == 0 and weight.stride(-1) == 1
             and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)):
-        h = None
-        if norm is not None:
-            residual, norm_weight, eps = norm
-            x, h = (rms_norm(x, norm_weight, eps), x) if residual is None else add_rms_norm(x, residual, norm_weight, eps)
         qkv = torch.nn.functional.linear(x.reshape(1, -1), weight)
         rope_and_write_kv_(qkv, cos.reshape(1, -1), sin.reshape(1, -1), k_pool, v_pool, slot_mapping,
                            num_heads, num_kv_heads, head_dim)
-        return qkv, h
+        return qkv
     qkv = torch.empty((1, width), dtype=x.dtype, device=x.device)
-    flat = x.reshape(-1)
-    residual, norm_weight, eps = norm if norm is not None else (None, flat, 0.0)
-    residual = residual.reshape(-1) if residual is not None else None
-    h = None if norm is None else (torch.empty_like(flat) if residual is not None else flat)
     grid = ((num_heads + 2 * num_kv_heads) * (half // pairs),)
     _qkv_rope_gemv_kernel[grid](
-        flat, weight, qkv, cos.reshape(-1), sin.reshape(-1), k_pool, v_pool, slot_mapping,
-        residual if residual is not None else flat, norm_weight, h if h is not None else flat, eps, weight.shape[1],
+        x.reshape(-1), weight, qkv, cos.reshape(-1), sin.reshape(-1), k_pool, v_pool, slot_mapping, weight.shape[1],
         weight.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half, PAIRS=pairs, BLOCK_SIZE=k_pool.shape[2],
-        BLOCK_K=QKV_ROPE_BLOCK_K, NUM_STAGES=QKV_ROPE_NUM_STAGES, NORM=norm is not None,
-        HAS_RESIDUAL=residual is not None, BLOCK_FULL=triton.next_power_of_2(weight.shape[1]),
-        num_warps=QKV_ROPE_NUM_WARPS, **pdl_launch(x),
+        BLOCK_K=QKV_ROPE_BLOCK_K, NUM_STAGES=QKV_ROPE_NUM_STAGES, num_warps=QKV_ROPE_NUM_WARPS, **pdl_launch(x),
     )
-    return qkv, (h.view_as(x) if h is not None else None)
+    return qkv
 
 
 def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,

@@ -19,8 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import TextConfig
 from ..kernels.fused import add_rms_norm, rms_norm
-from ..kernels import fused_norm_enabled
-from ..kernels.gemv import gated_linear, linear, norm_linear
+from ..kernels.gemv import gated_linear, linear
 from .rope import LongRopeEmbedding, apply_rotary
 
 
@@ -128,21 +127,13 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: "RMSNorm", inputs: AttentionInputs,
-                       cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(norm(x + residual)) and x + residual, on a paged batch whose projection kernel takes
-        the norm in (a batch-1 decode step on CUDA)."""
-        out, h = cache.project_attend(self.layer_idx, x, self.qkv_proj.weight, inputs.cos, inputs.sin, self.num_heads,
-                                      self.num_kv_heads, self.head_dim, norm=(residual, norm.weight, norm.eps))
-        return linear(out, self.o_proj.weight), h
-
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         batch, num_new, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if getattr(cache, "paged", False):
             # The engine's paged pool: fused projection / rotary / cache write and paged attention kernels.
-            out, _ = cache.project_attend(self.layer_idx, x, self.qkv_proj.weight, inputs.cos, inputs.sin, self.num_heads,
-                                          self.num_kv_heads, self.head_dim)  # (B, T, H*D)
+            out = cache.project_attend(self.layer_idx, x, self.qkv_proj.weight, inputs.cos, inputs.sin, self.num_heads,
+                                       self.num_kv_heads, self.head_dim)  # (B, T, H*D)
             return linear(out, self.o_proj.weight)
         qkv = linear(x, self.qkv_proj.weight)  # (B, T, (H + 2*H_kv) * D)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -173,12 +164,6 @@ class Phi3MLP(nn.Module):
         # down(up * silu(gate)), gate first; at batch 1 on CUDA the gate is formed inside the down product.
         return gated_linear(linear(x, self.gate_up_proj.weight), self.down_proj.weight)
 
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor, norm: "RMSNorm") -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(norm(x + residual)) and x + residual; at batch 1 on CUDA the norm is taken inside
-        the gate_up product."""
-        gate_up, h = norm_linear(x, residual, norm.weight, norm.eps, self.gate_up_proj.weight)
-        return gated_linear(gate_up, self.down_proj.weight), h
-
 
 class Phi3DecoderLayer(nn.Module):
     def __init__(self, config: TextConfig, layer_idx: int):
@@ -198,11 +183,6 @@ class Phi3DecoderLayer(nn.Module):
         h = x + attn(norm(x)); out = h + mlp(norm(h)).
         """
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        if (getattr(cache, "paged", False) and cache.kind == "decode" and x.shape[0] * x.shape[1] == 1 and x.is_cuda
-                and fused_norm_enabled()):
-            # A batch-1 decode step: each norm runs inside the product after it (two kernels less a layer).
-            attn, residual = self.self_attn.forward_normed(x, residual, norm1, inputs, cache)
-            return self.mlp.forward_normed(attn, residual, norm2)
         if residual is None:
             residual = x
             normed = rms_norm(x, norm1.weight, norm1.eps)
