@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..errors import PhiVisionError, PromptError
-from ..processing.image import hd_grid, num_image_tokens_for_size
+from ..processing.image import hd_grid, num_image_tokens_for_size, staged_rgb
 from ..processing.loading import load_image
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
@@ -91,6 +91,8 @@ class PreparedPrompt:
     num_crops: int
     load_s: float  # decoding and hashing the images of the batch it came in
     started: float  # perf_counter() when preparation began
+    # staged_rgb of each image (GPU engines, images not cached when prepared; else None entries)
+    staged: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,9 @@ class Engine:
             self.block_manager,
         )
         self.image_cache = ImageFeatureCache(config.image_cache_entries)
+        # On a GPU the vision half sends each image's RGB pixels to the device (which resizes them);
+        # the preparing half copies them into pinned memory beside the decoding, in parallel.
+        self.stage_when_preparing = next(model.parameters()).device.type == "cuda"
         # Vision-tower batches replay CUDA graphs (captured per crop-count bucket when first seen).
         use_graphs = config.use_cuda_graphs and next(model.parameters()).device.type == "cuda"
         self.vision_graphs = VisionTowerGraphs(model.vision_tower, MAX_VISION_BATCH_CROPS) if use_graphs else None
@@ -258,8 +263,8 @@ class Engine:
 
     def prepare_prompts(self, requests: Ids[PromptRequest]) -> list[PreparedPrompt | Exception]:
         """The CPU half of adding prompts: decodes and hashes every image (all requests' images side
-        by side: PIL and hashlib release the GIL), tokenises, checks lengths. (On a GPU, resizing
-        happens in the vision half, on the device.)
+        by side: PIL and hashlib release the GIL), copies the RGB pixels of those not cached into
+        pinned memory (GPU engines, which resize on the device), tokenises, checks lengths.
 
         Changes no engine state (it only asks the feature cache which keys it holds, a hint), so a
         server may run it on another thread while the engine steps; `add_prepared` then runs the
@@ -270,7 +275,9 @@ class Engine:
         crops_of = [request.num_crops if request.num_crops is not None else self.processor.num_crops for request in requests]
         jobs = [(index, position, image) for index, request in enumerate(requests)
                 for position, image in enumerate(request.images)]
-        def load(job: tuple[int, int, Any]) -> tuple[Any, str] | Exception:
+        stage = self.stage_when_preparing
+
+        def load(job: tuple[int, int, Any]) -> tuple[Any, str, Any] | Exception:
             index, position, source = job
             try:
                 image = load_image(source, allow_urls=self.processor.allow_urls)
@@ -279,7 +286,12 @@ class Engine:
             keys = requests[index].image_keys
             crops = crops_of[index]
             key = keys[position] if keys is not None and keys[position] is not None else source_key(source, image, crops)
-            return image, key
+            staged = None
+            if stage and key not in self.image_cache:
+                # A failure here is reported by the vision half, which then stages the image itself.
+                with contextlib.suppress(Exception):
+                    staged = staged_rgb(image, pin_memory=True)
+            return image, key, staged
 
         # One lazily opened PIL image given to several requests must not be decoded by two threads
         # at once: such images are loaded here first (later loads find them decoded).
@@ -302,7 +314,7 @@ class Engine:
                 failed = next((item for item in per_request[index] if isinstance(item, Exception)), None)
                 if failed is not None:
                     raise failed
-                images = [image for image, _ in per_request[index]]
+                images = [image for image, _, _ in per_request[index]]
                 crops = crops_of[index]
                 num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in images]
                 ids = tokenize_prompt(self.tokenizer, request.prompt, num_tokens)
@@ -311,8 +323,8 @@ class Engine:
                         f"the prompt ({len(ids)} tokens, images included) plus max_new_tokens "
                         f"({request.params.max_new_tokens}) is over the engine's limit of {self.max_model_len} tokens"
                     )
-                results[index] = PreparedPrompt(request, images, [key for _, key in per_request[index]], ids, crops,
-                                                loaded_s, started)
+                results[index] = PreparedPrompt(request, images, [key for _, key, _ in per_request[index]], ids, crops,
+                                                loaded_s, started, [pixels for _, _, pixels in per_request[index]])
             except PhiVisionError as exc:
                 results[index] = exc
         return results  # type: ignore[return-value]
@@ -346,8 +358,10 @@ class Engine:
         for crops, group in batches:
             images = [image for _, item in group for image in item.images]
             given = [key for _, item in group for key in item.image_keys]
+            staged = [pixels for _, item in group for pixels in (item.staged or [None] * len(item.images))]
             try:
-                features, keys, crops_run = encode_images(self.model, images, crops, cache, given, tower=self.vision_graphs)
+                features, keys, crops_run = encode_images(self.model, images, crops, cache, given, tower=self.vision_graphs,
+                                                         staged=staged)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: refuse this batch, keep the others
                 for index, _ in group:
                     results[index] = RuntimeError(f"could not run the vision tower: {exc}")

@@ -80,21 +80,24 @@ class ImageFeatureCache:
 
 def encode_images(
     model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None,
-    keys: Sequence[str | None] | None = None, tower=None,
+    keys: Sequence[str | None] | None = None, tower=None, staged: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[str], int]:
     """Features per image (running the tower once per distinct image not in `cache`), their keys,
     and how many crops went through the tower. `keys` may bring image_key values computed
     elsewhere (None entries are computed here); `tower` replaces the model's vision tower (its CUDA
-    graphs)."""
+    graphs); `staged` may bring each image's `staged_rgb` pixels (GPU path; None entries are made
+    here)."""
     given = list(keys) if keys is not None else [None] * len(images)
     keys = [key if key is not None else image_key(image, num_crops) for image, key in zip(images, given)]
     found: dict[str, torch.Tensor | None] = {key: (cache.get(key) if cache is not None else None) for key in dict.fromkeys(keys)}
     missing = [key for key, value in found.items() if value is None]
     num_crops_run = 0
     if missing:
-        first = {key: image for key, image in zip(reversed(keys), reversed(images))}
+        given_staged = list(staged) if staged is not None else [None] * len(images)
+        first = {key: (image, pixels) for key, image, pixels in zip(reversed(keys), reversed(images), reversed(given_staged))}
         param = next(model.parameters())
-        batch = preprocess_images([first[key] for key in missing], num_crops, device=param.device)
+        batch = preprocess_images([first[key][0] for key in missing], num_crops, device=param.device,
+                                  staged=[first[key][1] for key in missing])
         sizes = batch.image_sizes.tolist()
         num_crops_run = sum((h // CROP_SIZE) * (w // CROP_SIZE) + 1 for h, w in sizes)  # tiles + global view
         with torch.inference_mode():

@@ -354,17 +354,19 @@ def preprocess_image(image: Image.Image, num_crops: int) -> ProcessedImage:
     return ProcessedImage(pixel_values=out, image_size=size, num_tokens=num_image_tokens(*size), grid=grid)
 
 
-def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: torch.device | str | None = None) -> ImageBatch:
+def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: torch.device | str | None = None,
+                      staged: Sequence[torch.Tensor | None] | None = None) -> ImageBatch:
     """Several images with one num_crops, written straight into one batch tensor (no stacking copy).
 
     With a (CUDA) `device`, only decoding stays on the CPU: the uint8 images go to the device, where
     the resize (PIL's integer arithmetic, `resize.py`), the padding and the float work
     (normalisation, crops, the bicubic global view, with the same float32 operations) run, so the
-    host is not the bottleneck in front of the GPU.
+    host is not the bottleneck in front of the GPU. There, `staged` may bring `staged_rgb` of the
+    images, made where they were decoded; the CPU path ignores it.
     """
     _check_num_crops(num_crops)
     if device is not None and torch.device(device).type != "cpu":
-        return _preprocess_images_on(images, num_crops, torch.device(device))
+        return _preprocess_images_on(images, num_crops, torch.device(device), staged)
     out = torch.empty((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32)
     sizes = []
     num_threads = _default_num_threads()
@@ -375,21 +377,33 @@ def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: tor
     return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])
 
 
-def hd_canvases_on(images: Sequence[Image.Image], num_crops: int, device: torch.device) -> list[torch.Tensor]:
+def staged_rgb(image: Image.Image, pin_memory: bool) -> torch.Tensor:
+    """The image's RGB pixels as an (H, W, 3) uint8 tensor, in pinned memory when asked: the host
+    copy the GPU path needs, made wherever the image was decoded (side by side for many images)."""
+    image = _to_rgb(image)
+    staged = torch.empty((image.height, image.width, 3), dtype=torch.uint8, pin_memory=pin_memory)
+    staged.numpy()[...] = np.asarray(image)
+    return staged
+
+
+def hd_canvases_on(images: Sequence[Image.Image], num_crops: int, device: torch.device,
+                   staged: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """`hd_transform(image, num_crops)` of each image, computed on `device`: (h, w, 3) uint8 tensors,
-    the same bytes. Images of the same size share one transfer and one set of resize kernels."""
-    images = [_to_rgb(image) for image in images]
+    the same bytes. Images of the same size share one set of resize kernels. `staged` may bring
+    `staged_rgb` of some images, made elsewhere (None entries are made here)."""
+    staged = list(staged) if staged is not None else [None] * len(images)
+    sizes = [image.size for image in images]
     by_size: dict[tuple[int, int], list[int]] = {}
-    for index, image in enumerate(images):
-        by_size.setdefault(image.size, []).append(index)
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
     canvases: list[torch.Tensor | None] = [None] * len(images)
     for (width, height), indices in by_size.items():
         geometry = _hd_geometry(width, height, num_crops)
-        # One copy from PIL into (pinned) staging memory per image, then one asynchronous transfer.
-        staging = torch.empty((len(indices), height, width, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
-        for slot, index in enumerate(indices):
-            staging[slot].numpy()[...] = np.asarray(images[index])
-        sources = staging.to(device, non_blocking=True)  # (n, H, W, 3)
+        pinned = device.type == "cuda"
+        # Asynchronous transfers from pinned memory, then one batch for the resize kernels.
+        uploads = [(staged[i] if staged[i] is not None else staged_rgb(images[i], pinned)).to(device, non_blocking=True)
+                   for i in indices]
+        sources = uploads[0][None] if len(uploads) == 1 else torch.stack(uploads)  # (n, H, W, 3)
         core = resize_bilinear(sources, *geometry.resized_size, vertical_first=geometry.transposed)
         if tuple(core.shape[1:3]) != geometry.hd_size:
             padded = torch.full((len(indices), *geometry.hd_size, 3), PAD_VALUE, dtype=torch.uint8, device=device)
@@ -406,9 +420,10 @@ def hd_canvas_on(image: Image.Image, num_crops: int, device: torch.device) -> to
     return hd_canvases_on([image], num_crops, device)[0]
 
 
-def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device: torch.device) -> ImageBatch:
+def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device: torch.device,
+                          staged: Sequence[torch.Tensor | None] | None = None) -> ImageBatch:
     out = torch.zeros((len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE), dtype=torch.float32, device=device)
-    canvases = hd_canvases_on(images, num_crops, device)
+    canvases = hd_canvases_on(images, num_crops, device, staged)
     sizes = [tuple(canvas.shape[:2]) for canvas in canvases]
     # Images with the same HD size share one set of float kernels (a server adding many same-sized
     # images at once pays per batch, not per image); the float32 operations per pixel are the same

@@ -112,8 +112,8 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     calls = []
     real_encode = engine_module.encode_images
     monkeypatch.setattr(engine_module, "encode_images",
-                        lambda model, images, crops, cache, keys=None, tower=None: calls.append((len(images), crops))
-                        or real_encode(model, images, crops, cache, keys, tower))
+                        lambda model, images, crops, cache, keys=None, tower=None, staged=None: calls.append((len(images), crops))
+                        or real_encode(model, images, crops, cache, keys, tower, staged))
     engine = _engine(model, processor)
     cases = [c for c in tiny_manifest["cases"] if c["images"]]
     requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
@@ -131,6 +131,41 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     ids = [results[0], *results[2:]]
     for case, rid in zip(cases, ids):
         assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
+
+
+def test_pixels_staged_while_preparing_for_images_not_cached(model, processor, tiny_manifest, processor_golden, monkeypatch):
+    """A GPU engine copies each uncached image's RGB pixels into pinned memory in the preparing half
+    (forced here on a CPU engine, unpinned): they are the image's pixels, an image already cached
+    gets none, and the requests still produce their golden tokens."""
+    import numpy as np
+
+    from phivision.generation import engine as engine_module
+    from phivision.generation.engine import PromptRequest
+    from phivision.processing.image import staged_rgb
+    from phivision.processing.loading import load_image
+
+    monkeypatch.setattr(engine_module, "staged_rgb", lambda image, pin_memory: staged_rgb(image, pin_memory=False))
+    engine = _engine(model, processor)
+    assert engine.stage_when_preparing is False  # on the CPU the float pipeline works from PIL's resize
+    engine.stage_when_preparing = True
+    cases = [c for c in tiny_manifest["cases"] if c["images"]]
+    requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
+                for c in cases]
+    prepared = engine.prepare_prompts(requests)
+    for case, item in zip(cases, prepared):
+        assert len(item.staged) == len(case["images"])
+        for path, pixels in zip(case["images"], item.staged):
+            assert np.array_equal(pixels.numpy(), np.asarray(load_image(str(processor_golden / path)).convert("RGB")))
+    ids = engine.add_prepared(prepared)
+    tokens = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens[out.request_id].append(out.token_id)
+    for case, rid in zip(cases, ids):
+        assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
+    again = engine.prepare_prompts(requests[:1])[0]  # its images are in the feature cache now
+    assert again.staged == [None] * len(cases[0]["images"])
 
 
 def test_prepared_on_another_thread_while_stepping(model, processor, tiny_manifest, processor_golden):
@@ -222,11 +257,11 @@ def test_a_failing_vision_batch_refuses_only_its_requests(model, processor, tiny
     real_encode = engine_module.encode_images
     calls = []
 
-    def failing_second(model, images, crops, cache, keys=None, tower=None):
+    def failing_second(model, images, crops, cache, keys=None, tower=None, staged=None):
         calls.append(crops)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_encode(model, images, crops, cache, keys, tower)
+        return real_encode(model, images, crops, cache, keys, tower, staged)
 
     monkeypatch.setattr(engine_module, "encode_images", failing_second)
     engine = _engine(model, processor)

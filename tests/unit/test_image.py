@@ -24,6 +24,7 @@ from phivision.processing.image import (
     num_image_tokens_for_size,
     preprocess_image,
     preprocess_images,
+    staged_rgb,
 )
 
 
@@ -266,3 +267,11 @@ def test_device_path_equals_cpu_path():
     assert torch.equal(got.pixel_values, expected.pixel_values)
     assert torch.equal(got.image_sizes, expected.image_sizes)
     assert got.num_image_tokens == expected.num_image_tokens
+    # Pixels staged beforehand (as an engine's preparing threads do) for some of the images...
+    staged = [staged_rgb(image, pin_memory=False) if i % 2 == 0 else None for i, image in enumerate(images)]
+    given = _preprocess_images_on(images, 4, torch.device("cpu"), staged)
+    assert torch.equal(given.pixel_values, expected.pixel_values)
+    # ...are what is used: image 2's pixels given for image 0 (same size) change image 0 only.
+    staged[0] = staged[2]
+    swapped = _preprocess_images_on(images, 4, torch.device("cpu"), staged).pixel_values
+    assert torch.equal(swapped[0], expected.pixel_values[2]) and torch.equal(swapped[1:], expected.pixel_values[1:])
