@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                                                  max_num_batched_tokens=args.max_num_batched_tokens,
                                                  prefill_chunk_size=args.max_num_batched_tokens,
                                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                                 use_cuda_graphs=not args.no_cuda_graphs))
+                                                 use_cuda_graphs=not args.no_cuda_graphs,
+                                                 capture_vision_graphs_at_start=True))
     notice(args, f"loading {model} on {device} ({dtype}) in the engine process")
     engine = AsyncEngine(spec)
     info = engine.start()
