@@ -65,9 +65,9 @@ class EngineConfig:
     prefill_chunk_size: int = 16384
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True
-    # Capture the vision tower's graph of every crop-count bucket when the engine starts (a few
-    # seconds) instead of when a bucket is first needed (tens of ms each, while other requests
-    # wait): what a server wants, so that no burst pays for captures. `phivision serve` sets it.
+    # Capture the vision tower's graph of every crop-count bucket when the engine starts (~17 s on
+    # an H200) instead of when a bucket is first needed (tens to hundreds of ms each, while other
+    # requests wait): what a server wants, so that no burst pays for captures. `phivision serve` sets it.
     capture_vision_graphs_at_start: bool = False
     image_cache_entries: int = 64
 
@@ -207,7 +207,8 @@ class Engine:
         # On a GPU the vision half sends each image's RGB pixels to the device (which resizes them);
         # the preparing half copies them into pinned memory beside the decoding, in parallel.
         self.stage_when_preparing = next(model.parameters()).device.type == "cuda"
-        # Vision-tower batches replay CUDA graphs (captured per crop-count bucket when first seen).
+        # Vision-tower batches replay CUDA graphs (per crop-count bucket, captured when first seen
+        # or all at start).
         use_graphs = config.use_cuda_graphs and next(model.parameters()).device.type == "cuda"
         self.vision_graphs = VisionTowerGraphs(model.vision_tower, MAX_VISION_BATCH_CROPS) if use_graphs else None
         if self.vision_graphs is not None and config.capture_vision_graphs_at_start:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -80,7 +80,8 @@ class ImageFeatureCache:
 
 def encode_images(
     model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None,
-    keys: Sequence[str | None] | None = None, tower=None, staged: Sequence[torch.Tensor | None] | None = None,
+    keys: Sequence[str | None] | None = None, tower: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    staged: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[str], int]:
     """Features per image (running the tower once per distinct image not in `cache`), their keys,
     and how many crops went through the tower. `keys` may bring image_key values computed

@@ -11,6 +11,8 @@ Deliberate differences from the reference:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -53,7 +55,8 @@ class Phi3VForCausalLM(nn.Module):
             grids.append((rows, cols))
         return grids
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, tower=None) -> list[torch.Tensor]:
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
+                      tower: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
         """(I, N+1, 3, S, S) crops + (I, 2) HD sizes -> per image (num_tokens_i, hidden) projected features.
 
         `tower` replaces self.vision_tower (e.g. its CUDA graphs; its result is used at once). Give
