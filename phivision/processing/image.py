@@ -49,6 +49,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_VALUE = 255  # the HD padding is white
 RESAMPLE = Image.Resampling.BILINEAR  # torchvision's default for PIL images; antialiased when shrinking
 
+# The GPU path sends same-sized images to the device in batches of at most this many bytes of pixels.
+MAX_UPLOAD_BYTES = 1 << 28
 # Resize passes are cut into bands for threads; below this many source pixels a band is not worth a thread.
 _MIN_BAND_PIXELS = 1 << 18
 _BANDS_PER_THREAD = 2  # more bands than threads keep threads busy when one is slowed down
@@ -397,21 +399,25 @@ def hd_canvases_on(images: Sequence[Image.Image], num_crops: int, device: torch.
     for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)
     canvases: list[torch.Tensor | None] = [None] * len(images)
-    for (width, height), indices in by_size.items():
+    pinned = device.type == "cuda"
+    for (width, height), same_size in by_size.items():
         geometry = _hd_geometry(width, height, num_crops)
-        pinned = device.type == "cuda"
-        # Asynchronous transfers from pinned memory, then one batch for the resize kernels.
-        uploads = [(staged[i] if staged[i] is not None else staged_rgb(images[i], pinned)).to(device, non_blocking=True)
-                   for i in indices]
-        sources = uploads[0][None] if len(uploads) == 1 else torch.stack(uploads)  # (n, H, W, 3)
-        core = resize_bilinear(sources, *geometry.resized_size, vertical_first=geometry.transposed)
-        if tuple(core.shape[1:3]) != geometry.hd_size:
-            padded = torch.full((len(indices), *geometry.hd_size, 3), PAD_VALUE, dtype=torch.uint8, device=device)
-            rows, cols = _pad_slices(geometry)
-            padded[:, rows, cols] = core
-            core = padded
-        for slot, index in enumerate(indices):
-            canvases[index] = core[slot]
+        # Batches of same-sized images, as many as MAX_UPLOAD_BYTES of pixels (at least one).
+        per_batch = max(1, MAX_UPLOAD_BYTES // (width * height * 3))
+        for start in range(0, len(same_size), per_batch):
+            indices = same_size[start : start + per_batch]
+            # Asynchronous transfers from pinned memory, then one batch for the resize kernels.
+            uploads = [(staged[i] if staged[i] is not None else staged_rgb(images[i], pinned)).to(device, non_blocking=True)
+                       for i in indices]
+            sources = uploads[0][None] if len(uploads) == 1 else torch.stack(uploads)  # (n, H, W, 3)
+            core = resize_bilinear(sources, *geometry.resized_size, vertical_first=geometry.transposed)
+            if tuple(core.shape[1:3]) != geometry.hd_size:
+                padded = torch.full((len(indices), *geometry.hd_size, 3), PAD_VALUE, dtype=torch.uint8, device=device)
+                rows, cols = _pad_slices(geometry)
+                padded[:, rows, cols] = core
+                core = padded
+            for slot, index in enumerate(indices):
+                canvases[index] = core[slot]
     return canvases  # type: ignore[return-value]
 
 

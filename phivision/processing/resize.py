@@ -29,6 +29,10 @@ import numpy as np
 import torch
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
+# A pass keeps three int32 tensors of its output's size (the sum, one tap's pixels, their product);
+# a larger output is computed in bands across the other axis (each band on its own is exact), so a
+# 100-megapixel photo does not take gigabytes of device memory.
+MAX_PASS_BYTES = 1 << 28
 
 
 def _bilinear(x: np.ndarray) -> np.ndarray:
@@ -65,6 +69,11 @@ def _resize_axis(image: torch.Tensor, out_size: int, axis: int) -> torch.Tensor:
     in_size = image.shape[axis]
     if in_size == out_size:
         return image  # PIL skips a pass that keeps the size
+    across = -2 if axis == -3 else -3  # a horizontal pass maps rows independently, a vertical one columns
+    bands = math.ceil(3 * 4 * (image.numel() // in_size) * out_size / MAX_PASS_BYTES)
+    if bands > 1 and image.shape[across] > 1:
+        parts = image.tensor_split(min(bands, image.shape[across]), dim=across)
+        return torch.cat([_resize_axis(part, out_size, axis) for part in parts], dim=across)
     xmin, fixed = pil_coefficients(in_size, out_size)
     taps = fixed.shape[1]
     index = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(taps)[None, :], in_size - 1))  # (out, taps)

@@ -68,3 +68,21 @@ def test_device_canvas_equals_hd_transform(shape):
         canvas = hd_canvas_on(image, num_crops, torch.device("cpu"))
         assert canvas.dtype == torch.uint8
         assert np.array_equal(canvas.numpy(), hd_transform(image, num_crops)), (shape, num_crops)
+
+
+def test_large_passes_in_bands_and_large_groups_in_batches_give_the_same_bytes(monkeypatch):
+    """With tiny memory budgets, every pass is cut into bands and every group of same-sized images
+    into batches of one: the results do not change."""
+    from phivision.processing import image as image_module
+    from phivision.processing import resize as resize_module
+    from phivision.processing.image import hd_canvases_on
+
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8)) for _ in range(3)]
+    images.append(Image.fromarray(rng.integers(0, 256, (451, 300, 3), dtype=np.uint8)))  # portrait: vertical first
+    expected = [hd_transform(image, 4) for image in images]
+    monkeypatch.setattr(resize_module, "MAX_PASS_BYTES", 50_000)
+    monkeypatch.setattr(image_module, "MAX_UPLOAD_BYTES", 1)
+    canvases = hd_canvases_on(images, 4, torch.device("cpu"))
+    for canvas, want in zip(canvases, expected):
+        assert np.array_equal(canvas.numpy(), want)
