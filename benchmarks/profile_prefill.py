@@ -103,26 +103,24 @@ def section_host(engine: Engine) -> None:
     from phivision.processing.image import hd_transform
     from phivision.processing.loading import load_image
 
+    def best(call, runs: int = 5) -> float:
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * min(times)
+
     for name in ("W1", "W2"):
-        spec = WORKLOADS[name]
-        _, images = workload_inputs(name, engine.processor)
-        crops = spec["num_crops"]
-
-        def best(call, runs: int = 5) -> float:
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            return 1e3 * min(times)
-
+        prompt, images = workload_inputs(name, engine.processor)
+        crops = WORKLOADS[name]["num_crops"]
         decoded = [load_image(data) for data in images]
         serial_decode = best(lambda: [load_image(data) for data in images])
         serial_canvas = best(lambda: [hd_transform(image, crops, 1) for image in decoded])
         with ThreadPoolExecutor(len(images)) as pool:
             threaded_decode = best(lambda: list(pool.map(load_image, images)))
             threaded_both = best(lambda: list(pool.map(lambda d: hd_transform(load_image(d), crops, 1), images)))
-        request = PromptRequest(*workload_inputs(name, engine.processor), ONE_TOKEN, crops)
+        request = PromptRequest(prompt, images, ONE_TOKEN, crops)
         prepare = best(lambda: engine.prepare_prompts([request]))
         print(f"host {name} ({len(images)} images): decode {serial_decode:.1f} ms one after another, "
               f"{threaded_decode:.1f} ms on {len(images)} threads; canvases {serial_canvas:.1f} ms one after "

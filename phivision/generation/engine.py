@@ -206,10 +206,11 @@ class Engine:
         self.image_cache = ImageFeatureCache(config.image_cache_entries)
         # On a GPU the vision half sends each image's RGB pixels to the device (which resizes them);
         # the preparing half copies them into pinned memory beside the decoding, in parallel.
-        self.stage_when_preparing = next(model.parameters()).device.type == "cuda"
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        self.stage_when_preparing = on_cuda
         # Vision-tower batches replay CUDA graphs (per crop-count bucket, captured when first seen
         # or all at start).
-        use_graphs = config.use_cuda_graphs and next(model.parameters()).device.type == "cuda"
+        use_graphs = config.use_cuda_graphs and on_cuda
         self.vision_graphs = VisionTowerGraphs(model.vision_tower, MAX_VISION_BATCH_CROPS) if use_graphs else None
         if self.vision_graphs is not None and config.capture_vision_graphs_at_start:
             self.vision_graphs.capture_all()

@@ -443,8 +443,9 @@ def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device:
         hd = _normalise_(hd).transpose(0, 1)  # (n, 3, h, w) float32
         rows, cols = height // CROP_SIZE, width // CROP_SIZE
         num_real = rows * cols
-        where = torch.tensor(indices).to(device, non_blocking=True)
-        target = out[where] if len(indices) != len(images) else out
+        everyone = len(indices) == len(images)
+        where = None if everyone else torch.tensor(indices).to(device, non_blocking=True)
+        target = out if everyone else out[where]
         target[:, 0] = F.interpolate(hd, size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False, antialias=False)
         # (n, 3, rows*336, cols*336) -> (n, rows, cols, 3, 336, 336): one strided copy for all tiles
         tiles = hd.reshape(len(indices), 3, rows, CROP_SIZE, cols, CROP_SIZE).permute(0, 2, 4, 1, 3, 5)

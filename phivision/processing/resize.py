@@ -69,22 +69,28 @@ def _resize_axis(image: torch.Tensor, out_size: int, axis: int) -> torch.Tensor:
     in_size = image.shape[axis]
     if in_size == out_size:
         return image  # PIL skips a pass that keeps the size
-    across = -2 if axis == -3 else -3  # a horizontal pass maps rows independently, a vertical one columns
-    bands = math.ceil(3 * 4 * (image.numel() // in_size) * out_size / MAX_PASS_BYTES)
-    if bands > 1 and image.shape[across] > 1:
-        parts = image.tensor_split(min(bands, image.shape[across]), dim=across)
-        return torch.cat([_resize_axis(part, out_size, axis) for part in parts], dim=across)
     xmin, fixed = pil_coefficients(in_size, out_size)
     taps = fixed.shape[1]
     index = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(taps)[None, :], in_size - 1))  # (out, taps)
     index = index.to(image.device, non_blocking=True)
     weights = torch.from_numpy(fixed).to(image.device, non_blocking=True)  # (out, taps) int32
+    across = -2 if axis == -3 else -3  # a horizontal pass maps rows independently, a vertical one columns
+    bands = math.ceil(3 * 4 * (image.numel() // in_size) * out_size / MAX_PASS_BYTES)
+    if bands > 1 and image.shape[across] > 1:
+        parts = image.tensor_split(min(bands, image.shape[across]), dim=across)
+        return torch.cat([_apply_pass(part, index, weights, axis) for part in parts], dim=across)
+    return _apply_pass(image, index, weights, axis)
+
+
+def _apply_pass(image: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, axis: int) -> torch.Tensor:
+    """sum over taps of image[index[:, tap]] * weights[:, tap] along `axis`, in int32, rounded, clamped."""
+    out_size = index.shape[0]
     shape = [1] * image.dim()
     shape[axis] = out_size
     out_shape = list(image.shape)
     out_shape[axis] = out_size
     acc = torch.full(out_shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
-    for tap in range(taps):
+    for tap in range(index.shape[1]):
         source = image.index_select(axis, index[:, tap]).to(torch.int32)  # out_size entries along axis
         acc += source * weights[:, tap].view(shape)
     return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
