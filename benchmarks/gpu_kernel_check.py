@@ -17,7 +17,7 @@ import torch
 
 from phivision.config import ModelConfig
 from phivision.generation.runner import ModelRunner, RunnerConfig
-from phivision.kernels.fused import add_rms_norm, quick_gelu, rms_norm, rope_qk_, silu_mul
+from phivision.kernels.fused import add_layer_norm, add_rms_norm, layer_norm, quick_gelu, rms_norm, rope_qk_, silu_mul
 from phivision.kernels.gemv import gemv
 from phivision.kernels.paged_attention import (
     decode_splits,
@@ -58,9 +58,18 @@ def check_kernels() -> list[dict]:
         qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * dim, device=dev, dtype=torch.bfloat16)
         ref = paged_decode_attention_reference(qkv, k_pool, v_pool, tables, ctx, heads, dim)
         for splits in (1, 3, 8, 16):
-            out = paged_decode_attention(qkv, k_pool, v_pool, tables, ctx, heads, dim, splits)
-            rows.append({"check": f"decode H{heads}/{kv_heads} D{dim} blk{block} lens{lens[:3]} splits{splits}",
-                         "rel_err": rel(out, ref)})
+            out = paged_decode_attention(qkv, k_pool, v_pool, tables, ctx, heads, dim, splits, prefetch=False,
+                                         fused_combine=False)
+            name = f"decode H{heads}/{kv_heads} D{dim} blk{block} lens{lens[:3]} splits{splits}"
+            rows.append({"check": name, "rel_err": rel(out, ref)})
+            # the prefetching and self-combining variants give the same bits, launch after launch
+            # (the split counts reset themselves)
+            scratch = (torch.empty(len(lens), heads, splits, dim, device=dev), torch.empty(len(lens), heads, splits, device=dev),
+                       torch.empty(len(lens), heads, splits, device=dev), torch.zeros(len(lens), heads, dtype=torch.int32, device=dev))
+            for prefetch, fused in ((True, False), (False, True), (True, True)):
+                same = all(torch.equal(out, paged_decode_attention(qkv, k_pool, v_pool, tables, ctx, heads, dim, splits, scratch,
+                                                                   prefetch=prefetch, fused_combine=fused)) for _ in range(3))
+                rows.append({"check": f"{name} prefetch={prefetch} fused={fused} same bits x3", "rel_err": float(not same)})
     # cache write
     k_pool = torch.zeros(10, 4, 16, 96, device=dev, dtype=torch.bfloat16)
     v_pool = torch.zeros_like(k_pool)
@@ -77,6 +86,20 @@ def check_kernels() -> list[dict]:
     rows.append({"check": "rms_norm", "rel_err": rel(rms_norm(x, w, 1e-5), rms_norm(x.cpu(), w.cpu(), 1e-5))})
     (y, h), (yc, hc) = add_rms_norm(x, r, w, 1e-5), add_rms_norm(x.cpu(), r.cpu(), w.cpu(), 1e-5)
     rows.append({"check": "add_rms_norm", "rel_err": max(rel(y, yc), rel(h, hc))})
+    # the vision tower's LayerNorm (Triton) against PyTorch's kernel on the same device; the sum is exact
+    for dtype in (torch.bfloat16, torch.float16):
+        xv = torch.randn(3, 577, 1024, device=dev, dtype=dtype) * 3
+        rv = torch.randn_like(xv)
+        wv, bv = torch.randn(1024, device=dev, dtype=dtype), torch.randn(1024, device=dev, dtype=dtype)
+        yv, hv = add_layer_norm(xv, rv, wv, bv, 1e-5)
+        ref_h = rv + xv
+        ref_y = torch.nn.functional.layer_norm(ref_h, (1024,), wv, bv, 1e-5)
+        rows.append({"check": f"add_layer_norm {dtype} (sum exact: {torch.equal(hv, ref_h)}, unequal elements "
+                              f"{(yv != ref_y).float().mean().item():.1e})",
+                     "rel_err": rel(yv, ref_y) + float(not torch.equal(hv, ref_h))})
+        plain = torch.nn.functional.layer_norm(xv, (1024,), wv, bv, 1e-5)
+        rows.append({"check": f"layer_norm {dtype} (unequal elements {(layer_norm(xv, wv, bv, 1e-5) != plain).float().mean().item():.1e})",
+                     "rel_err": rel(layer_norm(xv, wv, bv, 1e-5), plain)})
     gu = torch.randn(7, 16384, device=dev, dtype=torch.bfloat16)
     rows.append({"check": "silu_mul", "rel_err": rel(silu_mul(gu), silu_mul(gu.cpu()))})
     # batch-1 products: the gated one equals silu_mul then the plain one, bit for bit; with and
@@ -164,6 +187,21 @@ def bench_decode_kernel() -> list[dict]:
     return rows
 
 
+def bench_layer_norm() -> dict:
+    """The vision tower's residual add + LayerNorm at W1's size (17 crops x 577 tokens x 1024): the
+    fused Triton pass against PyTorch's add then layer_norm (us, median)."""
+    import triton.testing
+
+    x = torch.randn(17 * 577, 1024, device="cuda", dtype=torch.bfloat16)
+    r, w, b = torch.randn_like(x), torch.randn(1024, device="cuda", dtype=torch.bfloat16), torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    torch_ms = triton.testing.do_bench(lambda: torch.nn.functional.layer_norm(r + x, (1024,), w, b, 1e-5), return_mode="median")
+    fused_ms = triton.testing.do_bench(lambda: add_layer_norm(x, r, w, b, 1e-5), return_mode="median")
+    plain_ms = triton.testing.do_bench(lambda: torch.nn.functional.layer_norm(x, (1024,), w, b, 1e-5), return_mode="median")
+    ours_ms = triton.testing.do_bench(lambda: layer_norm(x, w, b, 1e-5), return_mode="median")
+    return {"add+layer_norm torch us": torch_ms * 1e3, "add_layer_norm triton us": fused_ms * 1e3,
+            "layer_norm torch us": plain_ms * 1e3, "layer_norm triton us": ours_ms * 1e3}
+
+
 def bench_linears() -> list[dict]:
     """Batch-1 matrix-vector products of the decoder's shapes: cuBLAS and our kernel over a sweep."""
     import triton.testing
@@ -222,6 +260,23 @@ def time_decode(runner: ModelRunner, batch: int, context: int, steps: int = 50) 
     return statistics.median(times)
 
 
+def time_graph_only(runner: ModelRunner, batch: int, context: int, steps: int = 50) -> float:
+    """The captured step replayed back to back with the same inputs and no host work between: the
+    GPU's own time per step. time_decode minus this is the host's turnaround (inputs, copy, launch,
+    reading the tokens back), in which the GPU waits."""
+    size = runner.config.block_size
+    per_seq = math.ceil((context + 1) / size)
+    tables = [[1 + i * per_seq + j for j in range(per_seq)] for i in range(batch)]
+    runner.decode([100] * batch, [context] * batch, tables)
+    graph = runner._graph_for(batch).graph
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -235,6 +290,8 @@ def main() -> None:
         for row in report["kernels"]:
             print(f"{row['check']:70} rel_err {row['rel_err']:.2e}")
         return
+    report["layer_norm_us"] = bench_layer_norm()
+    print("vision LayerNorm, 9809 x 1024:", {k: round(v, 1) for k, v in report["layer_norm_us"].items()})
     report["decode_kernel_sweep"] = [] if args.no_sweeps else bench_decode_kernel()
     report["linears"] = [] if args.no_sweeps else bench_linears()
     model = random_real_model(args.shared)
@@ -247,7 +304,18 @@ def main() -> None:
             continue
         timings[f"B{batch}_ctx{context}"] = time_decode(runner, batch, context) * 1e3
     report["decode_step_ms"] = timings
-    # The same steps captured without programmatic dependent launch (kernels/__init__.py).
+    report["decode_graph_only_ms"] = {key: time_graph_only(runner, int(key[1:].split("_")[0]), int(key.split("ctx")[1])) * 1e3
+                                      for key in timings}
+    # The same steps captured with the decode kernel's prefetch and fused combine turned off, one
+    # at a time (kernels/paged_attention.py), then without programmatic dependent launch.
+    from phivision.kernels import paged_attention as pa
+
+    for flag in ("DECODE_PREFETCH", "DECODE_FUSED_COMBINE"):
+        setattr(pa, flag, False)
+        runner.capture_graphs()
+        report[f"decode_step_ms_no_{flag.lower()}"] = {
+            key: time_decode(runner, int(key[1:].split("_")[0]), int(key.split("ctx")[1])) * 1e3 for key in timings}
+        setattr(pa, flag, True)
     import os
 
     from phivision.kernels import _pdl_supported
@@ -288,7 +356,10 @@ def main() -> None:
               f"{default['us'] if default else float('nan'):6.1f} us")
     for key, ms in timings.items():
         off = report["decode_step_ms_no_pdl"][key]
-        print(f"decode step {key:16} {ms:7.3f} ms  ({1e3 / ms:7.1f} steps/s); without PDL {off:7.3f} ms")
+        print(f"decode step {key:16} {ms:7.3f} ms  ({1e3 / ms:7.1f} steps/s); graph alone "
+              f"{report['decode_graph_only_ms'][key]:7.3f} ms; without prefetch "
+              f"{report['decode_step_ms_no_decode_prefetch'][key]:7.3f}, without fused combine "
+              f"{report['decode_step_ms_no_decode_fused_combine'][key]:7.3f}, without PDL {off:7.3f} ms")
 
 
 if __name__ == "__main__":

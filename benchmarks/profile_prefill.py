@@ -111,6 +111,11 @@ def section_host(engine: Engine) -> None:
             times.append(time.perf_counter() - t0)
         return 1e3 * min(times)
 
+    import PIL
+    from PIL import features
+
+    print(f"Pillow {PIL.__version__}, zlib-ng {features.version('zlib_ng') if 'zlib_ng' in features.get_supported_features() else None}, "
+          f"zlib {features.version('zlib')}", flush=True)
     for name in ("W1", "W2"):
         prompt, images = workload_inputs(name, engine.processor)
         crops = WORKLOADS[name]["num_crops"]
@@ -120,6 +125,13 @@ def section_host(engine: Engine) -> None:
         with ThreadPoolExecutor(len(images)) as pool:
             threaded_decode = best(lambda: list(pool.map(load_image, images)))
             threaded_both = best(lambda: list(pool.map(lambda d: hd_transform(load_image(d), crops, 1), images)))
+            # When each image's decode ends, from the start of all: whether a vision tower started
+            # per image as it arrives would find work early.
+            for _ in range(3):
+                t0 = time.perf_counter()
+                futures = [pool.submit(lambda d: (load_image(d), time.perf_counter())[1], data) for data in images]
+                ends = sorted(1e3 * (f.result() - t0) for f in futures)
+                print(f"host {name}: each image's decode ends at (ms) {[round(e, 1) for e in ends]}", flush=True)
         request = PromptRequest(prompt, images, ONE_TOKEN, crops)
         prepare = best(lambda: engine.prepare_prompts([request]))
         print(f"host {name} ({len(images)} images): decode {serial_decode:.1f} ms one after another, "

@@ -127,7 +127,7 @@ class PagedBatch:
     def __init__(self, pool: PagedKVCache, *, kind: str, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  long_rope: torch.Tensor, context_lens: torch.Tensor | None = None, start: int = 0,
                  segments: list[tuple[int, int, int]] | None = None,
-                 num_splits: int = 1, scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 num_splits: int = 1, scratch: tuple[torch.Tensor, ...] | None = None):
         if kind not in ("decode", "prefill"):
             raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
         self.pool = pool

@@ -161,29 +161,81 @@ if triton_available():
         return context, first, tl.minimum(first + per_split, num_blocks)
 
     @triton.jit
-    def _decode_split_kernel(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L, OUT,
+    def _attend_tile(ka, kb, va, vb, valid, qa, qb, m, l, acc_a, acc_b):
+        """One block of keys/values (in two head parts) folded into the running softmax state."""
+        scores = tl.sum(ka.to(tl.float32) * qa[None, :], axis=1) + tl.sum(kb.to(tl.float32) * qb[None, :], axis=1)
+        scores = tl.where(valid, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new)
+        acc_a = acc_a * alpha + tl.sum(p[:, None] * va.to(tl.float32), axis=0)
+        acc_b = acc_b * alpha + tl.sum(p[:, None] * vb.to(tl.float32), axis=0)
+        l = l * alpha + tl.sum(p, axis=0)
+        return m_new, l, acc_a, acc_b
+
+    @triton.jit
+    def _combine_splits(ACC, M, L, OUT, acc_off, ml_off, out_off, stride_acc_s, NUM_SPLITS: tl.constexpr,
+                        SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr):
+        """The normalised output of one (sequence, head) from its splits' partial states. Loads go
+        around L1 (.cg): the partial states were written by other programs."""
+        s = tl.arange(0, SPLITS_P2)
+        s_mask = s < NUM_SPLITS
+        da = tl.arange(0, D_A)
+        db = D_A + tl.arange(0, D_B)
+        b_mask = db < HEAD_DIM
+        m = tl.load(M + ml_off + s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(L + ml_off + s, mask=s_mask, other=0.0, cache_modifier=".cg")
+        m_max = tl.max(m, axis=0)
+        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)  # empty splits weigh nothing
+        rows = ACC + acc_off + s[:, None] * stride_acc_s
+        acc_a = tl.load(rows + da[None, :], mask=s_mask[:, None], other=0.0, cache_modifier=".cg")
+        acc_b = tl.load(rows + db[None, :], mask=s_mask[:, None] & b_mask[None, :], other=0.0, cache_modifier=".cg")
+        denom = tl.sum(w * l, axis=0)
+        out = OUT + out_off
+        tl.store(out + da, (tl.sum(w[:, None] * acc_a, axis=0) / denom).to(OUT.dtype.element_ty))
+        tl.store(out + db, (tl.sum(w[:, None] * acc_b, axis=0) / denom).to(OUT.dtype.element_ty), mask=b_mask)
+
+    @triton.jit
+    def _decode_split_kernel(QKV, K_POOL, V_POOL, BLOCK_TABLES, CONTEXT_LENS, ACC, M, L, COUNTS, OUT,
                              stride_tok, stride_kb, stride_kh, stride_kt, stride_bt,
                              stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h, stride_out_b,
-                             sm_scale, NUM_SPLITS: tl.constexpr, KV_GROUP: tl.constexpr,
+                             sm_scale, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, KV_GROUP: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
-                             NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+                             NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         # One program per (sequence, head, split of the context). The head is loaded as two
         # power-of-two parts (96 = 64 + 32): a single 128-wide tile masked to 96 wasted a quarter of
         # each load and ran 10-17% slower (benchmarks/exp_decode_kernels.py). With one split the
-        # program writes the normalised output itself and no combine kernel runs.
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        # program writes the normalised output itself; with several, either a second kernel combines
+        # the splits or (FUSED_COMBINE) the last program of each head to finish does, found by
+        # counting finished programs in COUNTS (which it then resets to zero for the next launch).
         seq = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
         kv_head = head // KV_GROUP
-        context, first, last = _split_blocks(CONTEXT_LENS, seq, split, NUM_SPLITS, BLOCK_SIZE)
-
         t = tl.arange(0, BLOCK_SIZE)
         da = tl.arange(0, D_A)
         db = D_A + tl.arange(0, D_B)
         b_mask = db < HEAD_DIM
+        # Lengths and block tables are copied by the host before the step, and every cached key and
+        # value except the newest token's was written by earlier steps: with PREFETCH the split's first
+        # block is requested before waiting for the kernels before (the qkv product writes q and the
+        # newest key/value), unless that block holds the newest token.
+        context, first, last = _split_blocks(CONTEXT_LENS, seq, split, NUM_SPLITS, BLOCK_SIZE)
+        has_first = first < last
+        if PREFETCH:
+            early = has_first & ((first + 1) * BLOCK_SIZE < context)
+            block0 = tl.load(BLOCK_TABLES + seq * stride_bt + first, mask=has_first, other=0)
+            valid0 = (first * BLOCK_SIZE + t) < context
+            base0 = block0 * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt
+            pre = (valid0 & early)[:, None]
+            ka0 = tl.load(K_POOL + base0 + da[None, :], mask=pre, other=0.0)
+            kb0 = tl.load(K_POOL + base0 + db[None, :], mask=pre & b_mask[None, :], other=0.0)
+            va0 = tl.load(V_POOL + base0 + da[None, :], mask=pre, other=0.0)
+            vb0 = tl.load(V_POOL + base0 + db[None, :], mask=pre & b_mask[None, :], other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         q_ptr = QKV + seq * stride_tok + head * HEAD_DIM
         qa = tl.load(q_ptr + da).to(tl.float32) * sm_scale
         qb = tl.load(q_ptr + db, mask=b_mask, other=0.0).to(tl.float32) * sm_scale
@@ -191,7 +243,17 @@ if triton_available():
         l = tl.zeros([], tl.float32)
         acc_a = tl.zeros([D_A], tl.float32)
         acc_b = tl.zeros([D_B], tl.float32)
-        for i in tl.range(first, last, num_stages=NUM_STAGES):
+        loop_from = first
+        if PREFETCH:
+            if has_first:
+                late = (valid0 & ((first + 1) * BLOCK_SIZE >= context))[:, None]  # the newest token's block: read now
+                ka0 = tl.where(late, tl.load(K_POOL + base0 + da[None, :], mask=late, other=0.0), ka0)
+                kb0 = tl.where(late, tl.load(K_POOL + base0 + db[None, :], mask=late & b_mask[None, :], other=0.0), kb0)
+                va0 = tl.where(late, tl.load(V_POOL + base0 + da[None, :], mask=late, other=0.0), va0)
+                vb0 = tl.where(late, tl.load(V_POOL + base0 + db[None, :], mask=late & b_mask[None, :], other=0.0), vb0)
+                m, l, acc_a, acc_b = _attend_tile(ka0, kb0, va0, vb0, valid0, qa, qb, m, l, acc_a, acc_b)
+            loop_from = first + 1
+        for i in tl.range(loop_from, last, num_stages=NUM_STAGES):
             block = tl.load(BLOCK_TABLES + seq * stride_bt + i)
             valid = (i * BLOCK_SIZE + t) < context
             base = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt
@@ -200,25 +262,30 @@ if triton_available():
             kb = tl.load(K_POOL + base + db[None, :], mask=valid[:, None] & b_mask[None, :], other=0.0)
             va = tl.load(V_POOL + base + da[None, :], mask=valid[:, None], other=0.0)
             vb = tl.load(V_POOL + base + db[None, :], mask=valid[:, None] & b_mask[None, :], other=0.0)
-            scores = tl.sum(ka.to(tl.float32) * qa[None, :], axis=1) + tl.sum(kb.to(tl.float32) * qb[None, :], axis=1)
-            scores = tl.where(valid, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new)
-            acc_a = acc_a * alpha + tl.sum(p[:, None] * va.to(tl.float32), axis=0)
-            acc_b = acc_b * alpha + tl.sum(p[:, None] * vb.to(tl.float32), axis=0)
-            l = l * alpha + tl.sum(p, axis=0)
-            m = m_new
+            m, l, acc_a, acc_b = _attend_tile(ka, kb, va, vb, valid, qa, qb, m, l, acc_a, acc_b)
         if NUM_SPLITS == 1:
             out = OUT + seq * stride_out_b + head * HEAD_DIM
             tl.store(out + da, (acc_a / l).to(OUT.dtype.element_ty))
             tl.store(out + db, (acc_b / l).to(OUT.dtype.element_ty), mask=b_mask)
         else:
-            acc = ACC + seq * stride_acc_b + head * stride_acc_h + split * stride_acc_s
+            acc_off = seq * stride_acc_b + head * stride_acc_h
+            ml_off = seq * stride_ml_b + head * stride_ml_h
+            acc = ACC + acc_off + split * stride_acc_s
             tl.store(acc + da, acc_a)
             tl.store(acc + db, acc_b, mask=b_mask)
-            tl.store(M + seq * stride_ml_b + head * stride_ml_h + split, m)
-            tl.store(L + seq * stride_ml_b + head * stride_ml_h + split, l)
+            tl.store(M + ml_off + split, m)
+            tl.store(L + ml_off + split, l)
+            if FUSED_COMBINE:
+                # Every thread's stores are done before the count is raised (release); the last
+                # program's reads come after it saw the final count (acquire).
+                tl.debug_barrier()
+                counter = COUNTS + seq * tl.num_programs(1) + head
+                done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()
+                if done == NUM_SPLITS - 1:
+                    _combine_splits(ACC, M, L, OUT, acc_off, ml_off, seq * stride_out_b + head * HEAD_DIM, stride_acc_s,
+                                    NUM_SPLITS, SPLITS_P2, HEAD_DIM, D_A, D_B)
+                    tl.store(counter, 0)
 
     @triton.jit
     def _decode_combine_kernel(ACC, M, L, OUT, stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
@@ -276,6 +343,10 @@ DECODE_PROGRAMS_PER_SM = 6
 DECODE_MAX_SPLITS = 64
 DECODE_NUM_WARPS = 2
 DECODE_NUM_STAGES = None  # 3 with one split, 2 with several
+# Request the split's first block before waiting for the qkv kernel, and combine the splits in the
+# decode kernel's last program per head instead of a second kernel (see _decode_split_kernel).
+DECODE_PREFETCH = True
+DECODE_FUSED_COMBINE = True
 
 
 def _head_parts(head_dim: int) -> tuple[int, int]:
@@ -348,45 +419,58 @@ def qkv_rope_write_kv(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, 
 
 def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, num_heads: int, head_dim: int, num_splits: int,
-                           scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                           num_warps: int = DECODE_NUM_WARPS, num_stages: int | None = DECODE_NUM_STAGES) -> torch.Tensor:
+                           scratch: tuple[torch.Tensor, ...] | None = None,
+                           num_warps: int = DECODE_NUM_WARPS, num_stages: int | None = DECODE_NUM_STAGES,
+                           prefetch: bool | None = None, fused_combine: bool | None = None) -> torch.Tensor:
     """One query per sequence (rows of qkv) over its cached context -> (B, H * D).
 
     The query's own key/value must already be in the pool (write_kv first). `scratch` lets a
-    CUDA graph keep its split buffers (acc (B, H, S, D) f32, m and l (B, H, S) f32).
+    CUDA graph keep its split buffers (decode_scratch). `prefetch` / `fused_combine` default to
+    DECODE_PREFETCH / DECODE_FUSED_COMBINE.
     """
     num_seqs = qkv.shape[0]
     num_kv_heads = k_pool.shape[1]
     if not _use_triton(qkv):
         return paged_decode_attention_reference(qkv, k_pool, v_pool, block_tables, context_lens, num_heads, head_dim)
     if scratch is None:
-        scratch = (
-            torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=qkv.device),
-            torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=qkv.device),
-            torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=qkv.device),
-        )
-    acc, m, l = scratch
+        scratch = decode_scratch(num_seqs, num_heads, num_splits, head_dim, qkv.device)
+    acc, m, l, counts = scratch
     if num_stages is None:
         num_stages = 3 if num_splits == 1 else 2
+    prefetch = DECODE_PREFETCH if prefetch is None else prefetch
+    fused_combine = (DECODE_FUSED_COMBINE if fused_combine is None else fused_combine) and num_splits > 1
     out = torch.empty((num_seqs, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     part_a, part_b = _head_parts(head_dim)
     launch = pdl_launch(qkv)
+    splits_p2 = triton.next_power_of_2(num_splits)
     _decode_split_kernel[(num_seqs, num_heads, num_splits)](
-        qkv, k_pool, v_pool, block_tables, context_lens, acc, m, l, out,
+        qkv, k_pool, v_pool, block_tables, context_lens, acc, m, l, counts, out,
         qkv.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),
-        1.0 / math.sqrt(head_dim), NUM_SPLITS=num_splits, KV_GROUP=num_heads // num_kv_heads,
+        1.0 / math.sqrt(head_dim), NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, KV_GROUP=num_heads // num_kv_heads,
         BLOCK_SIZE=k_pool.shape[2], HEAD_DIM=head_dim, D_A=part_a, D_B=part_b, NUM_STAGES=num_stages,
-        num_warps=num_warps, **launch,
+        PREFETCH=prefetch, FUSED_COMBINE=fused_combine, num_warps=num_warps, **launch,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_combine:
         block_d = triton.next_power_of_2(head_dim)
         _decode_combine_kernel[(num_seqs, num_heads)](
             acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),
-            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, HEAD_DIM=head_dim, BLOCK_D=block_d,
             **launch,
         )
     return out
+
+
+def decode_scratch(num_seqs: int, num_heads: int, num_splits: int, head_dim: int,
+                   device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """The decode kernel's split buffers: partial outputs acc (B, H, S, D) f32, running max m and
+    sum l (B, H, S) f32, and per-head counts of finished splits (B, H) int32, zero between launches."""
+    return (
+        torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=device),
+        torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=device),
+        torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=device),
+        torch.zeros((num_seqs, num_heads), dtype=torch.int32, device=device),
+    )
 
 
 def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
