@@ -16,8 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import time
@@ -71,11 +70,6 @@ class EngineConfig:
     # requests wait): what a server wants, so that no burst pays for captures. `phivision serve` sets it.
     capture_vision_graphs_at_start: bool = False
     image_cache_entries: int = 64
-    # add_prompts on a GPU: run the vision tower on each image as soon as it is decoded (batching
-    # whatever has arrived while the GPU was busy) instead of after the last image, so that
-    # decoding overlaps the tower (W2's eight frames). A server preparing on another thread
-    # (prepare_prompts / add_prepared) does not do this.
-    encode_while_loading: bool = True
 
 
 @dataclass(frozen=True)
@@ -183,53 +177,6 @@ def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig, max_mod
     return vision, peak + gathered
 
 
-class _EarlyEncoder:
-    """add_prompts' vision tower while images are still loading: each loaded image not cached waits
-    here; whenever the GPU has finished the tower work launched before, everything waiting goes
-    through the tower as one batch per crop count (launched asynchronously, so the loading thread
-    comes straight back). `flush` sends what is left. Features are keyed like the cache's; a batch
-    that fails is left to add_prepared, which runs those images again and reports the error."""
-
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
-        self.features: dict[str, torch.Tensor] = {}
-        self.pending: dict[int, dict[str, tuple[Any, Any]]] = {}  # num_crops -> key -> (image, staged)
-        self.done: torch.cuda.Event | None = None  # recorded after the last batch launched
-
-    def add(self, num_crops: int, loaded: Any) -> None:
-        if isinstance(loaded, Exception):
-            return
-        image, key, staged = loaded
-        if staged is None or key in self.features:
-            return  # cached when prepared (or given to the tower already)
-        self.pending.setdefault(num_crops, {})[key] = (image, staged)
-        if self.done is None or self.done.query():
-            self.flush()
-
-    def flush(self) -> None:
-        engine = self.engine
-        for num_crops, waiting in self.pending.items():
-            items = list(waiting.items())
-            while items:
-                batch, crops = [], 0
-                while items:
-                    image = items[0][1][0]
-                    rows, cols = hd_grid(image.width, image.height, num_crops)
-                    if batch and crops + rows * cols + 1 > MAX_VISION_BATCH_CROPS:
-                        break
-                    batch.append(items.pop(0))
-                    crops += rows * cols + 1
-                keys = [key for key, _ in batch]
-                with contextlib.suppress(Exception):  # add_prepared reports it
-                    features, _, _ = encode_images(engine.model, [image for _, (image, _) in batch], num_crops, None, keys,
-                                                   tower=engine.vision_graphs, staged=[pixels for _, (_, pixels) in batch])
-                    self.features.update(zip(keys, features))
-        self.pending.clear()
-        if engine.runner.device.type == "cuda":
-            self.done = torch.cuda.Event()
-            self.done.record()
-
-
 class Engine:
     def __init__(self, model: torch.nn.Module, processor: Processor | None, config: EngineConfig = EngineConfig()):
         """`processor` may be None for an engine fed token ids only (add_request); the default stop
@@ -318,24 +265,18 @@ class Engine:
         Returns, per request, its id or the exception that refused it (others are unaffected).
         """
         started = time.perf_counter()
-        early = _EarlyEncoder(self) if self.stage_when_preparing and self.config.encode_while_loading else None
-        prepared = self.prepare_prompts(requests, on_loaded=early.add if early is not None else None)
-        if early is not None:
-            early.flush()
+        prepared = self.prepare_prompts(requests)
         self.time_s["prepare"] += time.perf_counter() - started
-        return self.add_prepared(prepared, use_image_cache=use_image_cache,
-                                 encoded=early.features if early is not None else None)
+        return self.add_prepared(prepared, use_image_cache=use_image_cache)
 
-    def prepare_prompts(self, requests: Ids[PromptRequest], *,
-                        on_loaded: Callable[[int, Any], None] | None = None) -> list[PreparedPrompt | Exception]:
+    def prepare_prompts(self, requests: Ids[PromptRequest]) -> list[PreparedPrompt | Exception]:
         """The CPU half of adding prompts: decodes and hashes every image (all requests' images side
         by side: PIL and hashlib release the GIL), copies the RGB pixels of those not cached into
         pinned memory (GPU engines, which resize on the device), tokenises, checks lengths.
 
         Changes no engine state (it only asks the feature cache which keys it holds, a hint), so a
         server may run it on another thread while the engine steps; `add_prepared` then runs the
-        vision tower and queues the requests. `on_loaded(num_crops, (image, key, staged) or the
-        error)` is called on the calling thread for each image as its loading ends.
+        vision tower and queues the requests.
         """
         started = time.perf_counter()
         results: list[PreparedPrompt | Exception | None] = [None] * len(requests)
@@ -367,20 +308,11 @@ class Engine:
         for source in {id(source): source for source in pil if uses[id(source)] > 1}.values():
             with contextlib.suppress(PhiVisionError):  # reported per request by the load below
                 load_image(source)
-        loaded_all: list[Any] = [None] * len(jobs)
         if len(jobs) > 1:
             with ThreadPoolExecutor(min(len(jobs), MAX_PREPARE_THREADS)) as pool:
-                futures = {pool.submit(load, job): number for number, job in enumerate(jobs)}
-                for future in as_completed(futures):
-                    number = futures[future]
-                    loaded_all[number] = future.result()
-                    if on_loaded is not None:
-                        on_loaded(crops_of[jobs[number][0]], loaded_all[number])
+                loaded_all = list(pool.map(load, jobs))
         else:
-            for number, job in enumerate(jobs):
-                loaded_all[number] = load(job)
-                if on_loaded is not None:
-                    on_loaded(crops_of[job[0]], loaded_all[number])
+            loaded_all = [load(job) for job in jobs]
         loaded_s = time.perf_counter() - started
         per_request: list[list] = [[] for _ in requests]
         for (index, _, _), item in zip(jobs, loaded_all):
@@ -405,11 +337,9 @@ class Engine:
                 results[index] = exc
         return results  # type: ignore[return-value]
 
-    def add_prepared(self, prepared: Ids[PreparedPrompt | Exception], *, use_image_cache: bool = True,
-                     encoded: dict[str, torch.Tensor] | None = None) -> list[str | Exception]:
+    def add_prepared(self, prepared: Ids[PreparedPrompt | Exception], *, use_image_cache: bool = True) -> list[str | Exception]:
         """The GPU half: runs the vision tower on the images not cached (batched per crop count, at
         most MAX_VISION_BATCH_CROPS crops a call) and queues the requests; exceptions pass through.
-        `encoded` may bring features already computed for some image keys (add_prompts' early tower).
 
         Returns, per entry, the request id or the exception that refused it: a vision batch that
         fails (out of memory, say) refuses its own requests with a RuntimeError, and the requests
@@ -439,7 +369,7 @@ class Engine:
             staged = [pixels for _, item in group for pixels in (item.staged or [None] * len(item.images))]
             try:
                 features, keys, crops_run = encode_images(self.model, images, crops, cache, given, tower=self.vision_graphs,
-                                                         staged=staged, encoded=encoded)
+                                                         staged=staged)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: refuse this batch, keep the others
                 for index, _ in group:
                     results[index] = RuntimeError(f"could not run the vision tower: {exc}")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from ..processing.image import CROP_SIZE, hd_grid, preprocess_images
+from ..processing.image import CROP_SIZE, preprocess_images
 
 
 def image_key(image: Image.Image, num_crops: int) -> str:
@@ -81,31 +81,18 @@ class ImageFeatureCache:
 def encode_images(
     model: torch.nn.Module, images: Sequence[Image.Image], num_crops: int, cache: ImageFeatureCache | None,
     keys: Sequence[str | None] | None = None, tower: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    staged: Sequence[torch.Tensor | None] | None = None, encoded: dict[str, torch.Tensor] | None = None,
+    staged: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[str], int]:
     """Features per image (running the tower once per distinct image not in `cache`), their keys,
     and how many crops went through the tower. `keys` may bring image_key values computed
     elsewhere (None entries are computed here); `tower` replaces the model's vision tower (its CUDA
     graphs); `staged` may bring each image's `staged_rgb` pixels (GPU path; None entries are made
-    here); `encoded` may bring features the tower made for some keys moments ago (they go into
-    `cache` and count as run)."""
+    here)."""
     given = list(keys) if keys is not None else [None] * len(images)
     keys = [key if key is not None else image_key(image, num_crops) for image, key in zip(images, given)]
-    found: dict[str, torch.Tensor | None] = {}
-    num_crops_run = 0
-    first_image = {key: image for key, image in zip(reversed(keys), reversed(images))}
-    for key in dict.fromkeys(keys):
-        image = first_image[key]
-        features = encoded.get(key) if encoded else None
-        if features is not None:
-            rows, cols = hd_grid(image.width, image.height, num_crops)
-            num_crops_run += rows * cols + 1
-            if cache is not None:
-                cache.put(key, features)
-        elif cache is not None:
-            features = cache.get(key)
-        found[key] = features
+    found: dict[str, torch.Tensor | None] = {key: (cache.get(key) if cache is not None else None) for key in dict.fromkeys(keys)}
     missing = [key for key, value in found.items() if value is None]
+    num_crops_run = 0
     if missing:
         given_staged = list(staged) if staged is not None else [None] * len(images)
         first = {key: (image, pixels) for key, image, pixels in zip(reversed(keys), reversed(images), reversed(given_staged))}
@@ -113,12 +100,12 @@ def encode_images(
         batch = preprocess_images([first[key][0] for key in missing], num_crops, device=param.device,
                                   staged=[first[key][1] for key in missing])
         sizes = batch.image_sizes.tolist()
-        num_crops_run += sum((h // CROP_SIZE) * (w // CROP_SIZE) + 1 for h, w in sizes)  # tiles + global view
+        num_crops_run = sum((h // CROP_SIZE) * (w // CROP_SIZE) + 1 for h, w in sizes)  # tiles + global view
         with torch.inference_mode():
             # image_sizes stay on the CPU: the model only reads them for the crop grids.
-            outputs = model.encode_images(batch.pixel_values.to(param.device, param.dtype, non_blocking=True),
+            encoded = model.encode_images(batch.pixel_values.to(param.device, param.dtype, non_blocking=True),
                                           batch.image_sizes, tower=tower)
-        for key, features in zip(missing, outputs):
+        for key, features in zip(missing, encoded):
             if cache is not None:
                 cache.put(key, features)
             found[key] = features

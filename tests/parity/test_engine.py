@@ -112,8 +112,8 @@ def test_add_prompts_batches_vision_and_isolates_bad_requests(model, processor, 
     calls = []
     real_encode = engine_module.encode_images
     monkeypatch.setattr(engine_module, "encode_images",
-                        lambda model, images, crops, cache, keys=None, tower=None, staged=None, encoded=None:
-                        calls.append((len(images), crops)) or real_encode(model, images, crops, cache, keys, tower, staged, encoded))
+                        lambda model, images, crops, cache, keys=None, tower=None, staged=None: calls.append((len(images), crops))
+                        or real_encode(model, images, crops, cache, keys, tower, staged))
     engine = _engine(model, processor)
     cases = [c for c in tiny_manifest["cases"] if c["images"]]
     requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
@@ -166,67 +166,6 @@ def test_pixels_staged_while_preparing_for_images_not_cached(model, processor, t
         assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
     again = engine.prepare_prompts(requests[:1])[0]  # its images are in the feature cache now
     assert again.staged == [None] * len(cases[0]["images"])
-
-
-@pytest.mark.parametrize("use_image_cache", [True, False])
-def test_tower_runs_while_images_load(model, processor, tiny_manifest, processor_golden, monkeypatch, use_image_cache):
-    """add_prompts on a GPU engine (staging forced here on the CPU) runs the vision tower on images
-    as their loading ends, before the last one is loaded; add_prepared then runs no tower, the
-    requests produce their golden tokens, and the features land in the cache when it is used."""
-    import threading
-
-    from phivision.generation import engine as engine_module
-    from phivision.generation.engine import PromptRequest
-    from phivision.processing.image import staged_rgb
-
-    monkeypatch.setattr(engine_module, "staged_rgb", lambda image, pin_memory: staged_rgb(image, pin_memory=False))
-    engine = _engine(model, processor)
-    engine.stage_when_preparing = True
-    events, tower_ran = [], threading.Event()
-    real_load = engine_module.load_image
-
-    def load(source, **kwargs):
-        if str(source).endswith("strip_4000x30.png"):
-            tower_ran.wait(timeout=30)  # this image arrives last, after the others went through the tower
-        image = real_load(source, **kwargs)
-        events.append("loaded")
-        return image
-
-    real_encode = model.encode_images
-
-    def encode(pixels, sizes, **kwargs):
-        events.append(("tower", len(sizes)))
-        tower_ran.set()
-        return real_encode(pixels, sizes, **kwargs)
-
-    monkeypatch.setattr(engine_module, "load_image", load)
-    monkeypatch.setattr(model, "encode_images", encode)
-    cases = [c for c in tiny_manifest["cases"] if c["images"]]
-    requests = [PromptRequest(c["prompt"], [str(processor_golden / p) for p in c["images"]], GREEDY_24, c["num_crops"])
-                for c in cases]
-    ids = engine.add_prompts(requests, use_image_cache=use_image_cache)
-    towers = [i for i, e in enumerate(events) if e != "loaded"]
-    loads = [i for i, e in enumerate(events) if e == "loaded"]
-    assert len(loads) == sum(len(c["images"]) for c in cases)
-    assert towers and towers[0] < loads[-1]  # a tower ran before the last image was loaded
-    images_run = sum(events[i][1] for i in towers)
-    assert images_run == len({(c["num_crops"], p) for c in cases for p in c["images"]})  # each image once
-    tokens = {rid: [] for rid in ids}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.token_id is not None:
-                tokens[out.request_id].append(out.token_id)
-    for case, rid in zip(cases, ids):
-        assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
-    assert len(engine.image_cache) == (images_run if use_image_cache else 0)
-    events.clear()
-    engine.config = EngineConfig(**{**engine.config.__dict__, "encode_while_loading": False})
-    engine.add_prompts(requests[1:2], use_image_cache=use_image_cache)
-    towers = [i for i, e in enumerate(events) if e != "loaded"]
-    if use_image_cache:
-        assert towers == []  # both images cached
-    else:
-        assert towers == [2] and events[2] == ("tower", 2)  # one batch after both loads
 
 
 def test_prepared_on_another_thread_while_stepping(model, processor, tiny_manifest, processor_golden):
@@ -318,11 +257,11 @@ def test_a_failing_vision_batch_refuses_only_its_requests(model, processor, tiny
     real_encode = engine_module.encode_images
     calls = []
 
-    def failing_second(model, images, crops, cache, keys=None, tower=None, staged=None, encoded=None):
+    def failing_second(model, images, crops, cache, keys=None, tower=None, staged=None):
         calls.append(crops)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_encode(model, images, crops, cache, keys, tower, staged, encoded)
+        return real_encode(model, images, crops, cache, keys, tower, staged)
 
     monkeypatch.setattr(engine_module, "encode_images", failing_second)
     engine = _engine(model, processor)
