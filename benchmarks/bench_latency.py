@@ -154,8 +154,7 @@ def workload_inputs(name: str, processor: Processor):
     return f"<|user|>\n{tags}{spec['text']}<|end|>\n<|assistant|>\n", images
 
 
-def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None = None,
-             encode_while_loading: bool = True) -> dict:
+def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None = None) -> dict:
     """A fresh engine sized for the workload (the KV pool holds exactly its tokens), five runs."""
     spec = WORKLOADS[name]
     params = SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True)
@@ -169,8 +168,7 @@ def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None =
     torch.cuda.empty_cache()
     chunking = {} if prefill_chunk is None else {"max_num_batched_tokens": prefill_chunk, "prefill_chunk_size": prefill_chunk}
     engine = Engine(model, processor, EngineConfig(max_num_seqs=1, max_model_len=needed, kv_cache_tokens=needed,
-                                                   enable_prefix_caching=False, encode_while_loading=encode_while_loading,
-                                                   **chunking))
+                                                   enable_prefix_caching=False, **chunking))
     results = []
     for _ in range(5):  # first run warms up; the median of the others is reported
         torch.cuda.reset_peak_memory_stats()
@@ -294,15 +292,12 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="max_num_batched_tokens and prefill_chunk_size of our engine (default: EngineConfig's)")
-    parser.add_argument("--no-encode-while-loading", action="store_true",
-                        help="run the vision tower after the last image is decoded (EngineConfig.encode_while_loading=False)")
     args = parser.parse_args()
     names = args.workloads.split(",")
     config = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
               "settings": "batch 1, greedy, end-of-sequence ignored, random bf16 weights at the real shapes, CUDA graphs on"}
     report["prefill_chunk"] = args.prefill_chunk  # None: EngineConfig's default
-    report["encode_while_loading"] = not args.no_encode_while_loading
     report["ceilings"] = measure_ceilings()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         ckpt = write_bench_checkpoint(args.shared, Path(tmp) / "ckpt")
@@ -312,7 +307,7 @@ def main() -> None:
         processor = Processor.from_pretrained(str(ckpt), num_crops=4)
         floors_out = {}
         for name in names:
-            report[name] = run_ours(model, processor, name, args.prefill_chunk, not args.no_encode_while_loading)
+            report[name] = run_ours(model, processor, name, args.prefill_chunk)
             print(f"ours {name}: " + json.dumps({k: v for k, v in report[name].items() if k != "runs"}, default=float), flush=True)
             floors_out[name] = floors(model, int(report[name]["prompt_tokens"]), WORKLOADS[name]["new_tokens"],
                                       int(report[name]["crops_run"]), report["ceilings"])
