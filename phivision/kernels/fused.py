@@ -40,24 +40,28 @@ if triton_available():
         tl.store(Y + row * stride_y + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
 
     @triton.jit
-    def _layernorm_kernel(X, R, W, B, Y, H_OUT, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
-                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _layernorm_kernel(X, R, W, B, Y, H_OUT, n_rows, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
+                          HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # ROWS rows per program, one warp each (num_warps=ROWS): the statistics are warp reductions,
+        # and the weight and bias are loaded once for all of them.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        col_mask = cols < n_cols
+        mask = (rows < n_rows)[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
         if HAS_RESIDUAL:
             # h = x + residual, rounded to the activation dtype like the reference's add.
-            x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-            tl.store(H_OUT + row * stride_h + cols, x, mask=mask)
+            x = x + tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+            tl.store(H_OUT + rows[:, None] * stride_h + cols[None, :], x, mask=mask)
         # Statistics in float32 from the rounded input, as torch.nn.functional.layer_norm.
         xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=0) / n_cols
-        centred = tl.where(mask, xf - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row * stride_y + cols, (centred * rstd * w + b).to(x.dtype), mask=mask)
+        mean = tl.sum(xf, axis=1) / n_cols
+        centred = tl.where(mask, xf - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = centred * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(x.dtype), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
@@ -139,15 +143,19 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return y.view_as(x), h.view_as(x)
 
 
+LAYER_NORM_ROWS = 8  # rows (and warps) per program
+
+
 def _layer_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float, rows: int = LAYER_NORM_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = x.reshape(-1, x.shape[-1])
     r2 = residual.reshape(-1, x.shape[-1]) if residual is not None else x2
     y = torch.empty_like(x2)
     h = torch.empty_like(x2) if residual is not None else y
-    n = x2.shape[-1]
-    _layernorm_kernel[(x2.shape[0],)](x2, r2, weight, bias, y, h, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
-                                      n, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    n_rows, n = x2.shape
+    _layernorm_kernel[(triton.cdiv(n_rows, rows),)](
+        x2, r2, weight, bias, y, h, n_rows, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps,
+        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=triton.next_power_of_2(n), num_warps=rows)
     return y.view_as(x), h.view_as(x)
 
 
