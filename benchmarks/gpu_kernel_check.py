@@ -17,7 +17,7 @@ import torch
 
 from phivision.config import ModelConfig
 from phivision.generation.runner import ModelRunner, RunnerConfig
-from phivision.kernels.fused import add_layer_norm, add_rms_norm, layer_norm, quick_gelu, rms_norm, rope_qk_, silu_mul
+from phivision.kernels.fused import add_rms_norm, quick_gelu, rms_norm, rope_qk_, silu_mul
 from phivision.kernels.gemv import gemv
 from phivision.kernels.paged_attention import (
     decode_splits,
@@ -87,20 +87,6 @@ def check_kernels() -> list[dict]:
     rows.append({"check": "rms_norm", "rel_err": rel(rms_norm(x, w, 1e-5), rms_norm(x.cpu(), w.cpu(), 1e-5))})
     (y, h), (yc, hc) = add_rms_norm(x, r, w, 1e-5), add_rms_norm(x.cpu(), r.cpu(), w.cpu(), 1e-5)
     rows.append({"check": "add_rms_norm", "rel_err": max(rel(y, yc), rel(h, hc))})
-    # the vision tower's LayerNorm (Triton) against PyTorch's kernel on the same device; the sum is exact
-    for dtype in (torch.bfloat16, torch.float16):
-        xv = torch.randn(3, 577, 1024, device=dev, dtype=dtype) * 3
-        rv = torch.randn_like(xv)
-        wv, bv = torch.randn(1024, device=dev, dtype=dtype), torch.randn(1024, device=dev, dtype=dtype)
-        yv, hv = add_layer_norm(xv, rv, wv, bv, 1e-5)
-        ref_h = rv + xv
-        ref_y = torch.nn.functional.layer_norm(ref_h, (1024,), wv, bv, 1e-5)
-        rows.append({"check": f"add_layer_norm {dtype} (sum exact: {torch.equal(hv, ref_h)}, unequal elements "
-                              f"{(yv != ref_y).float().mean().item():.1e})",
-                     "rel_err": rel(yv, ref_y) + float(not torch.equal(hv, ref_h))})
-        plain = torch.nn.functional.layer_norm(xv, (1024,), wv, bv, 1e-5)
-        rows.append({"check": f"layer_norm {dtype} (unequal elements {(layer_norm(xv, wv, bv, 1e-5) != plain).float().mean().item():.1e})",
-                     "rel_err": rel(layer_norm(xv, wv, bv, 1e-5), plain)})
     gu = torch.randn(7, 16384, device=dev, dtype=torch.bfloat16)
     rows.append({"check": "silu_mul", "rel_err": rel(silu_mul(gu), silu_mul(gu.cpu()))})
     # batch-1 products: the gated one equals silu_mul then the plain one, bit for bit; with and
@@ -186,24 +172,6 @@ def bench_decode_kernel() -> list[dict]:
                                  "us": ms * 1e3, "tb_s": kv_bytes / (ms * 1e-3) / 1e12})
         del k_pool, v_pool
     return rows
-
-
-def bench_layer_norm() -> dict:
-    """The vision tower's residual add + LayerNorm at W1's size (17 crops x 577 tokens x 1024): the
-    fused Triton pass (over its rows-per-program setting) against PyTorch's add then layer_norm
-    (us, median)."""
-    import triton.testing
-
-    from phivision.kernels.fused import _layer_norm_triton
-
-    x = torch.randn(17 * 577, 1024, device="cuda", dtype=torch.bfloat16)
-    r, w, b = torch.randn_like(x), torch.randn(1024, device="cuda", dtype=torch.bfloat16), torch.randn(1024, device="cuda", dtype=torch.bfloat16)
-    times = {"add+layer_norm torch": triton.testing.do_bench(lambda: torch.nn.functional.layer_norm(r + x, (1024,), w, b, 1e-5)),
-             "layer_norm torch": triton.testing.do_bench(lambda: torch.nn.functional.layer_norm(x, (1024,), w, b, 1e-5))}
-    for rows in (1, 2, 4, 8, 16):
-        times[f"add_layer_norm rows{rows}"] = triton.testing.do_bench(lambda: _layer_norm_triton(x, r, w, b, 1e-5, rows))
-        times[f"layer_norm rows{rows}"] = triton.testing.do_bench(lambda: _layer_norm_triton(x, None, w, b, 1e-5, rows))
-    return {key: ms * 1e3 for key, ms in times.items()}
 
 
 def bench_linears() -> list[dict]:
@@ -294,8 +262,6 @@ def main() -> None:
         for row in report["kernels"]:
             print(f"{row['check']:70} rel_err {row['rel_err']:.2e}")
         return
-    report["layer_norm_us"] = bench_layer_norm()
-    print("vision LayerNorm, 9809 x 1024:", {k: round(v, 1) for k, v in report["layer_norm_us"].items()})
     report["decode_kernel_sweep"] = [] if args.no_sweeps else bench_decode_kernel()
     report["linears"] = [] if args.no_sweeps else bench_linears()
     model = random_real_model(args.shared)

@@ -1,5 +1,5 @@
 """Small fused kernels: the decoder's RMSNorm (with the residual add), SiLU-gate and rotary; the
-vision tower's LayerNorm (with the residual add) and quick-GELU.
+vision tower's quick-GELU.
 
 At batch 1 a decode step is ~30 tiny element-wise launches per layer when written in plain
 PyTorch; inside a CUDA graph each still costs microseconds. These Triton kernels do each job in
@@ -38,30 +38,6 @@ if triton_available():
         normed = (xf * inv).to(x.dtype)
         w = tl.load(W + cols, mask=mask, other=0.0)
         tl.store(Y + row * stride_y + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
-
-    @triton.jit
-    def _layernorm_kernel(X, R, W, B, Y, H_OUT, n_rows, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
-                          HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        # ROWS rows per program, one warp each (num_warps=ROWS): the statistics are warp reductions,
-        # and the weight and bias are loaded once for all of them.
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        col_mask = cols < n_cols
-        mask = (rows < n_rows)[:, None] & col_mask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            # h = x + residual, rounded to the activation dtype like the reference's add.
-            x = x + tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-            tl.store(H_OUT + rows[:, None] * stride_h + cols[None, :], x, mask=mask)
-        # Statistics in float32 from the rounded input, as torch.nn.functional.layer_norm.
-        xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=1) / n_cols
-        centred = tl.where(mask, xf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = centred * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(x.dtype), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
@@ -141,40 +117,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, h, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps,
                                     HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(n), **pdl_launch(x2))
     return y.view_as(x), h.view_as(x)
-
-
-LAYER_NORM_ROWS = 8  # rows (and warps) per program
-
-
-def _layer_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                       eps: float, rows: int = LAYER_NORM_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
-    r2 = residual.reshape(-1, x.shape[-1]) if residual is not None else x2
-    y = torch.empty_like(x2)
-    h = torch.empty_like(x2) if residual is not None else y
-    n_rows, n = x2.shape
-    _layernorm_kernel[(triton.cdiv(n_rows, rows),)](
-        x2, r2, weight, bias, y, h, n_rows, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=triton.next_power_of_2(n), num_warps=rows)
-    return y.view_as(x), h.view_as(x)
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """torch.nn.functional.layer_norm over the last axis; one Triton pass on CUDA (PyTorch's kernel
-    moved 1.6 TB/s on an H200 for the vision tower's rows of 1024)."""
-    if not _use_triton(x) or x.stride(-1) != 1 or weight.dtype != x.dtype:
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    return _layer_norm_triton(x, None, weight, bias, eps)[0]
-
-
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer_norm(x + residual), x + residual) in one pass (the sum rounded first, as the
-    reference's add)."""
-    if not _use_triton(x) or x.stride(-1) != 1 or residual.stride(-1) != 1 or weight.dtype != x.dtype:
-        h = residual + x
-        return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
-    return _layer_norm_triton(x, residual, weight, bias, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
