@@ -321,7 +321,8 @@ DECODE_MAX_SPLITS = 64
 DECODE_NUM_WARPS = 2
 DECODE_NUM_STAGES = None  # 3 with one split, 2 with several
 # Combine the splits in the decode kernel's last program per head instead of a second kernel (see
-# _decode_split_kernel): the batch-1 step at 2.5K context took 2.68 ms against 2.80 on an H200.
+# _decode_split_kernel): on an H200 the captured batch-1 step took 2.745 ms against 2.837 at 2.5K
+# context, 3.11 against 3.29 at 6.1K (benchmarks/RESULTS.md, 2026-12-03 second session).
 DECODE_FUSED_COMBINE = True
 
 
