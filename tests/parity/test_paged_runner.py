@@ -100,3 +100,30 @@ def test_packed_prefill_of_several_sequences_matches_each_alone(model, tiny_chec
         alone = model(torch.tensor([seq]), image_features=feats)[0, -1]
         assert torch.allclose(packed[row], alone, atol=1e-4), (row, (packed[row] - alone).abs().max())
     assert not torch.allclose(packed[0], packed[1], atol=1e-3)  # the two images really were told apart
+
+
+def test_decode_inputs_of_a_padded_batch(model, tiny_checkpoint, tiny_manifest):
+    """Three sequences decode in the graph of four: each row's logits equal its decode alone, and the
+    one input buffer holds each row's token, position, slot, length and factor-set flag, with the
+    spare row writing nowhere (slot -1) and reading one token of the reserved block 0."""
+    cases = {c["id"]: c for c in tiny_manifest["cases"]}
+    ids = cases["long_text_over_64"]["expected"]["input_ids"]
+    prompts = [ids[:30], ids[:45], ids[:70]]
+    runner = ModelRunner(model, RunnerConfig(num_blocks=64, block_size=16, max_num_seqs=4, max_model_len=1024))
+    tables = [[1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11, 12]]
+    for prompt, table in zip(prompts, tables):
+        runner.prefill(prompt, 0, table, None, False)
+    tokens, lengths = [11, 22, 33], [len(p) + 1 for p in prompts]
+    together = runner.decode(tokens, lengths, tables)
+    graph = runner._graph_for(3)
+    assert graph.batch == 4
+    assert graph.input_ids[:, 0].tolist() == tokens + [0]
+    assert graph.positions[:, 0].tolist() == [n - 1 for n in lengths] + [0]
+    assert graph.context_lens.tolist() == lengths + [1]
+    assert graph.slot_mapping.tolist() == [t[(n - 1) // 16] * 16 + (n - 1) % 16 for t, n in zip(tables, lengths)] + [-1]
+    original = model.config.text.original_max_position_embeddings
+    assert graph.long_rope.tolist() == [n > original for n in lengths] + [False]
+    assert graph.block_tables[3].eq(0).all() and graph.block_tables[2, :5].tolist() == tables[2]
+    for row, (token, length, table) in enumerate(zip(tokens, lengths, tables)):
+        alone = runner.decode([token], [length], [table])  # rewrites the same slot with the same key/value
+        assert torch.allclose(alone[0], together[row], atol=1e-5), row
