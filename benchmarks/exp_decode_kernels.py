@@ -96,7 +96,7 @@ def attn_variant(kind, qkv, k_pool, v_pool, tables, ctx, splits, warps, stages):
         if splits > 1:
             _decode_combine_kernel[(b, HEADS)](acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0),
                                                m.stride(1), out.stride(0), NUM_SPLITS=splits,
-                                               SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=DIM, BLOCK_D=128,
+                                               SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=DIM, D_A=64, D_B=32,
                                                USE_PDL=False)
         return out
 

@@ -267,24 +267,16 @@ if triton_available():
     @triton.jit
     def _decode_combine_kernel(ACC, M, L, OUT, stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h,
                                stride_out_b, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                               HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, USE_PDL: tl.constexpr):
+        # The splits combined by a second kernel, one program per (sequence, head): what
+        # FUSED_COMBINE replaces, kept for comparisons.
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0)
         head = tl.program_id(1)
-        s = tl.arange(0, SPLITS_P2)
-        s_mask = s < NUM_SPLITS
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
-        m = tl.load(M + seq * stride_ml_b + head * stride_ml_h + s, mask=s_mask, other=float("-inf"))
-        l = tl.load(L + seq * stride_ml_b + head * stride_ml_h + s, mask=s_mask, other=0.0)
-        m_max = tl.max(m, axis=0)
-        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)  # empty splits weigh nothing
-        acc = tl.load(ACC + seq * stride_acc_b + head * stride_acc_h + s[:, None] * stride_acc_s + d[None, :],
-                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-        tl.store(OUT + seq * stride_out_b + head * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d_mask)
+        _combine_splits(ACC, M, L, OUT, seq * stride_acc_b + head * stride_acc_h, seq * stride_ml_b + head * stride_ml_h,
+                        seq * stride_out_b + head * HEAD_DIM, stride_acc_s, NUM_SPLITS, SPLITS_P2, HEAD_DIM, D_A, D_B)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -428,11 +420,9 @@ def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         FUSED_COMBINE=fused_combine, num_warps=num_warps, **launch,
     )
     if num_splits > 1 and not fused_combine:
-        block_d = triton.next_power_of_2(head_dim)
         _decode_combine_kernel[(num_seqs, num_heads)](
             acc, m, l, out, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),
-            NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            **launch,
+            NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, HEAD_DIM=head_dim, D_A=part_a, D_B=part_b, **launch,
         )
     return out
 
