@@ -20,6 +20,7 @@ from phivision.generation.runner import ModelRunner, RunnerConfig
 from phivision.kernels.fused import add_rms_norm, quick_gelu, rms_norm, rope_qk_, silu_mul
 from phivision.kernels.gemv import gemv
 from phivision.kernels.paged_attention import (
+    decode_scratch,
     decode_splits,
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -63,8 +64,7 @@ def check_kernels() -> list[dict]:
             rows.append({"check": name, "rel_err": rel(out, ref)})
             # the splits combined by the last program of each head: as close to the reference, and the
             # same bits launch after launch (the split counts reset themselves)
-            scratch = (torch.empty(len(lens), heads, splits, dim, device=dev), torch.empty(len(lens), heads, splits, device=dev),
-                       torch.empty(len(lens), heads, splits, device=dev), torch.zeros(len(lens), heads, dtype=torch.int32, device=dev))
+            scratch = decode_scratch(len(lens), heads, splits, dim, dev)
             fused = [paged_decode_attention(qkv, k_pool, v_pool, tables, ctx, heads, dim, splits, scratch, fused_combine=True)
                      for _ in range(3)]
             same = all(torch.equal(fused[0], f) for f in fused[1:])
@@ -268,22 +268,22 @@ def main() -> None:
     t0 = time.perf_counter()
     runner = ModelRunner(model, RunnerConfig(num_blocks=2 * 64 * 16 + 8, block_size=64, max_num_seqs=64, max_model_len=8192))
     report["graph_capture_s"] = time.perf_counter() - t0
-    timings = {}
-    for batch, context in [(1, 2534), (1, 6100), (1, 8192 - 64), (8, 2534), (64, 800)]:
-        if batch * math.ceil((context + 60) / 64) + 1 > runner.config.num_blocks:
-            continue
-        timings[f"B{batch}_ctx{context}"] = time_decode(runner, batch, context) * 1e3
-    report["decode_step_ms"] = timings
-    report["decode_graph_only_ms"] = {key: time_graph_only(runner, int(key[1:].split("_")[0]), int(key.split("ctx")[1])) * 1e3
-                                      for key in timings}
+    shapes = {f"B{batch}_ctx{context}": (batch, context)
+              for batch, context in [(1, 2534), (1, 6100), (1, 8192 - 64), (8, 2534), (64, 800)]
+              if batch * math.ceil((context + 60) / 64) + 1 <= runner.config.num_blocks}
+
+    def step_ms(timer) -> dict[str, float]:
+        return {key: timer(runner, batch, context) * 1e3 for key, (batch, context) in shapes.items()}
+
+    timings = report["decode_step_ms"] = step_ms(time_decode)
+    report["decode_graph_only_ms"] = step_ms(time_graph_only)
     # The same steps captured with the splits combined by a second kernel (kernels/paged_attention.py),
     # then without programmatic dependent launch.
     from phivision.kernels import paged_attention as pa
 
     pa.DECODE_FUSED_COMBINE = False
     runner.capture_graphs()
-    report["decode_step_ms_combine_kernel"] = {
-        key: time_decode(runner, int(key[1:].split("_")[0]), int(key.split("ctx")[1])) * 1e3 for key in timings}
+    report["decode_step_ms_combine_kernel"] = step_ms(time_decode)
     pa.DECODE_FUSED_COMBINE = True
     import os
 
@@ -292,8 +292,7 @@ def main() -> None:
     os.environ["PHIVISION_PDL"] = "0"
     _pdl_supported.cache_clear()
     runner.capture_graphs()
-    report["decode_step_ms_no_pdl"] = {key: time_decode(runner, int(key[1:].split("_")[0]), int(key.split("ctx")[1])) * 1e3
-                                       for key in timings}
+    report["decode_step_ms_no_pdl"] = step_ms(time_decode)
     os.environ.pop("PHIVISION_PDL")
     _pdl_supported.cache_clear()
     weight_bytes = 2 * sum(p.numel() for n, p in model.named_parameters() if not any(s in n for s in ("embed_tokens", "vision_tower", "projector")))
