@@ -202,6 +202,34 @@ class Scheduler:
                 self._requeue(seq)
         return finished
 
+    def next_decode_if_no_stop(self, seqs: Ids[Sequence]) -> list[int] | None:
+        """For a decode step of `seqs` just scheduled (not yet postprocessed): when the step after it
+        is certain to be a decode of the same sequences, in the same order, on the same blocks,
+        unless one samples a stop token (or is aborted, or a request arrives), each one's context
+        length in that step; else None. Lets the engine queue that step before it has read this
+        one's tokens.
+
+        Certain means: nothing waits or is being prefilled, `seqs` are all the decoding sequences,
+        and for each one the new token ends it by no length limit, takes it over no LongRoPE switch,
+        and lands in a block it already holds (so the next step allocates and preempts nothing).
+        """
+        cfg = self.config
+        if self.waiting or self.prefilling or len(seqs) != len(self.decoding):
+            return None
+        lens = []
+        for seq in seqs:
+            n = seq.num_tokens  # the next step feeds position n
+            if (seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != n
+                    or seq.num_generated + 1 >= seq.params.max_new_tokens or n + 1 >= cfg.max_model_len
+                    or (seq.long_rope is False and n + 1 > cfg.original_max_position_embeddings)
+                    or len(seq.block_table) * cfg.block_size <= n):
+                return None
+            lens.append(n + 1)
+        order = sorted(self.decoding, key=lambda s: s.arrival_index)
+        if any(a is not b for a, b in zip(order, seqs)):
+            return None
+        return lens
+
     # -- internals ------------------------------------------------------------------------------
 
     def _schedule_prefill(self, aborted: list[Sequence]) -> ScheduledBatch | None:

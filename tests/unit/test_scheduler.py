@@ -472,3 +472,88 @@ def test_random_workload_returns_the_pool_to_full(seed, block_size, num_blocks, 
     reprefilled = {id(s) for b in runner.history if b.kind == "prefill"
                    for s, (start, end) in zip(b.seqs, b.chunks) if end > 24 >= s.num_prompt_tokens}
     assert crossed and any(id(s) in reprefilled for s in crossed)
+
+
+def _decode_of(sched, runner, *seqs):
+    """Runs the scheduler until `seqs` all decode; returns the first decode batch (not yet run)."""
+    for seq in seqs:
+        sched.add(seq)
+    while True:
+        batch = sched.schedule()
+        assert not batch.is_empty
+        if batch.kind == "decode":
+            return batch
+        sched.postprocess(batch.seqs, runner.run(batch))
+
+
+def test_next_decode_predicted_only_when_certain():
+    sched, runner = make(block_size=4, original_max_position_embeddings=128)
+    a, b = seq_of(range(10, 15), max_new_tokens=20), seq_of(range(20, 25), max_new_tokens=20)
+    batch = _decode_of(sched, runner, a, b)
+    assert [s.num_tokens for s in batch.seqs] == [6, 6]
+    # Position 6 lies in the second block, which both already hold (6 tokens -> 2 blocks of 4).
+    assert sched.next_decode_if_no_stop(batch.seqs) == [7, 7]
+    assert sched.next_decode_if_no_stop(batch.seqs[:1]) is None  # not every decoding sequence
+    assert sched.next_decode_if_no_stop(batch.seqs[::-1]) is None  # not in the scheduler's order
+    sched.postprocess(batch.seqs, runner.run(batch))
+    batch = sched.schedule()
+    assert [s.num_tokens for s in batch.seqs] == [7, 7]
+    # The token after this one goes to position 7, the last slot of block 2: still held.
+    assert sched.next_decode_if_no_stop(batch.seqs) == [8, 8]
+    sched.postprocess(batch.seqs, runner.run(batch))
+    batch = sched.schedule()
+    assert sched.next_decode_if_no_stop(batch.seqs) is None  # position 8 needs a third block
+    sched.add(seq_of(range(30, 34)))
+    assert sched.next_decode_if_no_stop(batch.seqs) is None  # a request waits: next comes a prefill
+
+
+@pytest.mark.parametrize("limit", ["max_new_tokens", "max_model_len", "longrope"])
+def test_next_decode_not_predicted_when_the_next_token_ends_or_requeues(limit):
+    settings = {"max_new_tokens": dict(), "max_model_len": dict(max_model_len=8), "longrope": dict(original_max_position_embeddings=7)}
+    sched, runner = make(block_size=16, **settings[limit])
+    seq = seq_of(range(10, 15), max_new_tokens=3 if limit == "max_new_tokens" else 50)
+    batch = _decode_of(sched, runner, seq)  # 6 tokens, generated 1
+    assert sched.next_decode_if_no_stop(batch.seqs) == [7]
+    sched.postprocess(batch.seqs, runner.run(batch))
+    batch = sched.schedule()  # 7 tokens: the token of this step is the 3rd generated, the 8th token
+    assert batch.kind == "decode"
+    assert sched.next_decode_if_no_stop(batch.seqs) is None
+
+
+@pytest.mark.parametrize("seed", [5, 17, 2024])
+def test_predicted_next_decode_is_what_schedule_gives(seed):
+    """Random workloads: whenever a decode step predicts the next, and then no token stopped, no
+    request arrived and none was aborted, the next step is exactly that decode, on the same blocks."""
+    rng = random.Random(seed)
+    sched, runner = make(num_blocks=30, block_size=4, max_num_seqs=5, max_num_batched_tokens=24, prefill_chunk_size=10,
+                         max_model_len=60, original_max_position_embeddings=24, default_stop_token_ids=(STOP,))
+    runner.choose = lambda seq: STOP if rng.random() < 0.04 else rng.randrange(3, 50)
+    checked = 0
+    prediction = None
+    for _ in range(600):
+        if rng.random() < 0.15:
+            try:
+                sched.add(seq_of([rng.randrange(3, 50) for _ in range(rng.randrange(2, 30))],
+                                 max_new_tokens=rng.randrange(1, 30), stop_token_ids=None))
+            except PromptError:
+                pass
+            prediction = None
+        batch = sched.schedule()
+        if prediction is not None:
+            seqs, lens, tables = prediction
+            assert batch.kind == "decode" and len(batch.seqs) == len(seqs)
+            assert all(a is b for a, b in zip(batch.seqs, seqs))
+            assert [s.num_tokens for s in batch.seqs] == lens
+            assert [s.block_table for s in batch.seqs] == tables
+            checked += 1
+        prediction = None
+        if batch.is_empty:
+            continue
+        lens = sched.next_decode_if_no_stop(batch.seqs) if batch.kind == "decode" else None
+        tables = [list(s.block_table) for s in batch.seqs]
+        tokens = runner.run(batch)
+        sched.postprocess(batch.seqs, tokens)
+        if lens is not None and STOP not in tokens:
+            prediction = (list(batch.seqs), lens, tables)
+        check_pool(sched)
+    assert checked > 30
