@@ -49,6 +49,21 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class DeviceTokens:
+    """One token per row of a greedy decode step, queued on the device and copied to pinned host
+    memory; `tolist()` waits for that copy only (not for work queued after it)."""
+
+    device: torch.Tensor  # (B,) int64
+    host: torch.Tensor  # (B,) int64, pinned on CUDA
+    event: torch.cuda.Event | None
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
     num_blocks: int
     block_size: int = 64
@@ -146,6 +161,14 @@ class ModelRunner:
                                            dtype=self.dtype, device=self.device)
         sizes = sorted({b for b in graph_batch_sizes if b <= config.max_num_seqs} | {config.max_num_seqs})
         self._graphs = {b: _DecodeGraph(self, b) for b in sizes}
+        # Where greedy steps leave their tokens: on the device and in pinned host memory. Three, used
+        # in turn, so that a step's tokens outlive the next step's launch (which reads them) and are
+        # not overwritten before the host reads them.
+        pinned = self.device.type == "cuda"
+        self._token_slots = [(torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device),
+                              torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pinned),
+                              torch.cuda.Event() if pinned else None) for _ in range(3)]
+        self._next_token_slot = 0
         self.graphs_captured = False
         if config.use_cuda_graphs and self.device.type == "cuda":
             self.capture_graphs()
@@ -250,14 +273,11 @@ class ModelRunner:
                 return self._graphs[size]
         raise ValueError(f"a decode batch of {batch} is over max_num_seqs={self.config.max_num_seqs}")
 
-    @torch.inference_mode()
-    def decode(self, last_tokens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """One new token per sequence: token i sits at position context_lens[i] - 1. Logits (B, V).
-
-        Each row uses the long factors iff its length is over original_max_position_embeddings; the
-        scheduler re-prefills a sequence at the step it crosses, so its cached keys agree.
-        """
-        batch = len(last_tokens)
+    def _launch_decode(self, last_tokens: Sequence[int] | "DeviceTokens", context_lens: Sequence[int],
+                       block_tables: Sequence[Sequence[int]]) -> tuple[_DecodeGraph, torch.Tensor]:
+        """Queues one decode step; (its graph, its logits (B, V), valid until the graph's next replay).
+        `last_tokens` may be a previous step's tokens still on the device (their host values unread)."""
+        batch = len(context_lens)
         g = self._graph_for(batch)
         size = self.config.block_size
         inputs = g.host_inputs()
@@ -267,7 +287,8 @@ class ModelRunner:
         lens[batch:] = 1
         positions = inputs["positions"][:, 0]
         positions[:] = lens - 1
-        inputs["input_ids"][:batch, 0] = last_tokens
+        on_device = isinstance(last_tokens, DeviceTokens)
+        inputs["input_ids"][:batch, 0] = 0 if on_device else last_tokens
         inputs["input_ids"][batch:] = 0
         tables = _table_array(block_tables, *inputs["block_tables"].shape, out=inputs["block_tables"])
         rows = np.arange(batch)
@@ -275,7 +296,37 @@ class ModelRunner:
         inputs["slot_mapping"][batch:] = -1
         inputs["long_rope"][:] = lens > self.original_max
         g.upload()
+        if on_device:
+            if last_tokens.device.shape[0] != batch:
+                raise ValueError(f"{last_tokens.device.shape[0]} tokens on the device for a batch of {batch}")
+            g.input_ids[:batch, 0].copy_(last_tokens.device)  # after the upload, in stream order
         if g.graph is not None:
             g.graph.replay()
-            return g.logits[:batch]
-        return g.run_eager(self)[:batch]
+            return g, g.logits[:batch]
+        return g, g.run_eager(self)[:batch]
+
+    @torch.inference_mode()
+    def decode(self, last_tokens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One new token per sequence: token i sits at position context_lens[i] - 1. Logits (B, V).
+
+        Each row uses the long factors iff its length is over original_max_position_embeddings; the
+        scheduler re-prefills a sequence at the step it crosses, so its cached keys agree.
+        """
+        return self._launch_decode(last_tokens, context_lens, block_tables)[1]
+
+    @torch.inference_mode()
+    def decode_greedy(self, last_tokens: Sequence[int] | "DeviceTokens", context_lens: Sequence[int],
+                      block_tables: Sequence[Sequence[int]]) -> "DeviceTokens":
+        """A decode step whose tokens are the argmax of its logits, queued without waiting for them:
+        the result's `device` tensor can feed the next step before the host has read it
+        (`tolist()`), so the GPU never idles while the host turns a step around."""
+        _, logits = self._launch_decode(last_tokens, context_lens, block_tables)
+        batch = logits.shape[0]
+        slot = self._token_slots[self._next_token_slot]
+        self._next_token_slot = (self._next_token_slot + 1) % len(self._token_slots)
+        device, host, event = slot[0][:batch], slot[1][:batch], slot[2]
+        torch.argmax(logits, dim=-1, out=device)
+        host.copy_(device, non_blocking=True)
+        if event is not None:
+            event.record()
+        return DeviceTokens(device, host, event)

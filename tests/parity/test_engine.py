@@ -320,3 +320,46 @@ def test_peak_activation_estimate_runs_the_largest_forwards(model, monkeypatch):
     text = model.config.text
     assert seen == {"crops": (engine_module.MAX_VISION_BATCH_CROPS // 5, 5), "tokens": 80}  # capped at max_model_len
     assert peak == (4321, 777 + 2 * 2 * 80 * text.num_attention_heads * text.head_dim * 4)  # float32 here
+
+
+def test_lookahead_decode_gives_the_golden_tokens(model, processor, tiny_manifest, processor_golden):
+    # Small blocks: sequences often cross into a new block, where no step is queued ahead.
+    engine = _engine(model, processor, lookahead_decode=True, block_size=16)
+    results = _run(engine, tiny_manifest["cases"], processor_golden)
+    for case, tokens in zip(tiny_manifest["cases"], results):
+        assert tokens == case["expected"]["greedy_new_tokens"], case["id"]
+    used, queued = engine.num_lookahead_steps["used"], engine.num_lookahead_steps["queued"]
+    assert 0 < used <= queued
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def _scripted(engine):
+    """Two requests decode; a third arrives mid-decode; the second is aborted later; a fourth stops early."""
+    prompt = "<|user|>\nTell me a long story about {}.<|end|>\n<|assistant|>\n"
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    rids = [engine.add_prompt(prompt.format("a cat"), [], params), engine.add_prompt(prompt.format("a dog"), [], params)]
+    tokens = {}
+    for step in range(200):
+        if step == 6:
+            rids.append(engine.add_prompt(prompt.format("a bird"), [], params))
+        if step == 10:
+            assert engine.abort(rids[1])
+        if step == 12:
+            rids.append(engine.add_prompt(prompt.format("a fish"), [], SamplingParams(max_new_tokens=3, ignore_eos=True)))
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens.setdefault(out.request_id, []).append(out.token_id)
+    return [tokens.get(rid, []) for rid in rids]
+
+
+def test_lookahead_decode_survives_arrivals_aborts_and_finishes(model, processor):
+    plain = _scripted(_engine(model, processor, lookahead_decode=False))
+    engine = _engine(model, processor, lookahead_decode=True)
+    ahead = _scripted(engine)
+    assert ahead == plain
+    assert [len(t) for t in ahead][::2] == [30, 30]
+    assert engine.num_lookahead_steps["used"] > 0
+    assert engine.num_lookahead_steps["queued"] > engine.num_lookahead_steps["used"]  # some were dropped
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
