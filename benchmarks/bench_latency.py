@@ -154,7 +154,7 @@ def workload_inputs(name: str, processor: Processor):
     return f"<|user|>\n{tags}{spec['text']}<|end|>\n<|assistant|>\n", images
 
 
-def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None = None) -> dict:
+def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None = None, **engine_settings) -> dict:
     """A fresh engine sized for the workload (the KV pool holds exactly its tokens), five runs."""
     spec = WORKLOADS[name]
     params = SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True)
@@ -168,7 +168,7 @@ def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None =
     torch.cuda.empty_cache()
     chunking = {} if prefill_chunk is None else {"max_num_batched_tokens": prefill_chunk, "prefill_chunk_size": prefill_chunk}
     engine = Engine(model, processor, EngineConfig(max_num_seqs=1, max_model_len=needed, kv_cache_tokens=needed,
-                                                   enable_prefix_caching=False, **chunking))
+                                                   enable_prefix_caching=False, **chunking, **engine_settings))
     results = []
     for _ in range(5):  # first run warms up; the median of the others is reported
         torch.cuda.reset_peak_memory_stats()
@@ -292,6 +292,8 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="max_num_batched_tokens and prefill_chunk_size of our engine (default: EngineConfig's)")
+    parser.add_argument("--ab-lookahead", action="store_true",
+                        help="also run each workload with lookahead_decode off, before it (key no_lookahead)")
     args = parser.parse_args()
     names = args.workloads.split(",")
     config = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
@@ -307,6 +309,10 @@ def main() -> None:
         processor = Processor.from_pretrained(str(ckpt), num_crops=4)
         floors_out = {}
         for name in names:
+            if args.ab_lookahead:
+                report.setdefault("no_lookahead", {})[name] = off = run_ours(model, processor, name, args.prefill_chunk,
+                                                                             lookahead_decode=False)
+                print(f"ours {name}, lookahead off: ttft {off['ttft_ms']:.1f} ms, decode {off['decode_tok_s']:.1f} tok/s", flush=True)
             report[name] = run_ours(model, processor, name, args.prefill_chunk)
             print(f"ours {name}: " + json.dumps({k: v for k, v in report[name].items() if k != "runs"}, default=float), flush=True)
             floors_out[name] = floors(model, int(report[name]["prompt_tokens"]), WORKLOADS[name]["new_tokens"],

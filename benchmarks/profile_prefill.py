@@ -5,7 +5,7 @@
 host: the host's part of W1/W2's preparation (decoding, canvases, threads); steps: timed W4-style adds and steps; vision: wall and GPU time of preparing n W4 requests for
 several n (each a new crop count, as a server sees them); w3: W3's 8K-token prefill, timed and
 profiled; w1, w2: the workload's time to first token in its parts (CPU half, vision half, prefill),
-then a profile of its preparation; prep: a profile of preparing 32 W4 requests; prefill: a profile of
+then a profile of its preparation and of its prefill step; prep: a profile of preparing 32 W4 requests; prefill: a profile of
 one prefill step of 10 W4 requests.
 
 Meant for a CUDA machine with a real-shape checkpoint (`make_checkpoint.py`); without CUDA it runs
@@ -208,6 +208,9 @@ def section_ttft_parts(model, processor: Processor, name: str) -> None:
               f"vision half {1e3 * (t2 - t1):.1f} ms, prefill {1e3 * (t3 - t2):.1f} ms", flush=True)
         drain(engine)
     profiled_call(f"{name} add_prompts", lambda: engine.add_prompts([request], use_image_cache=False), 15, 25)
+    sync()
+    # The prefill step alone (the request's vision work already done): where its GPU time goes.
+    profiled_call(f"{name} prefill step", engine.step, 25, 10)
     drain(engine)
 
 
