@@ -189,6 +189,14 @@ class _Lookahead:
     lens: tuple[int, ...]
     tokens: DeviceTokens
 
+    def rows_of(self, seqs: Ids[Sequence], lens: Ids[int]) -> list[int] | None:
+        """The row of each of `seqs` (at context lengths `lens`) in this step, or None if one is not in it."""
+        index = {id(seq): row for row, seq in enumerate(self.seqs)}
+        rows = [index.get(id(seq)) for seq in seqs]
+        if any(row is None or self.lens[row] != n for row, n in zip(rows, lens)):
+            return None
+        return rows  # type: ignore[return-value]
+
 
 class Engine:
     def __init__(self, model: torch.nn.Module, processor: Processor | None, config: EngineConfig = EngineConfig()):
@@ -453,14 +461,18 @@ class Engine:
         So, when the scheduler is sure the next step decodes the same sequences (see
         `Scheduler.next_decode_if_no_stop`), that step is queued now, fed this step's argmax on the
         device, and the host reads this step's tokens while it runs. The next `step` uses it if the
-        batch it schedules is the one predicted; otherwise (a stop token, an abort, a new request)
-        it is dropped, and since it only wrote the KV slot that the step run instead writes again,
-        nothing of it remains. Greedy tokens are the same either way.
+        batch it schedules is the one predicted, or part of it (sequences that stopped or were
+        aborted are left out: each row of a step depends on its own sequence only). Otherwise (a
+        new request, say) it is dropped: it wrote only KV slots that the step run instead writes
+        again, or slots of blocks freed before any later work in the stream, so nothing of it
+        remains. Greedy tokens are the same either way.
         """
         lens = [s.num_tokens for s in seqs]
-        if ahead is not None and len(ahead.seqs) == len(seqs) and all(
-                a is b and n == m for a, b, n, m in zip(ahead.seqs, seqs, ahead.lens, lens)):
-            tokens = ahead.tokens
+        rows = ahead.rows_of(seqs, lens) if ahead is not None else None
+        if rows is not None:
+            # All of this batch was queued ahead; rows of sequences that ended since are left out.
+            full = rows == list(range(len(ahead.seqs)))
+            tokens = ahead.tokens if full else self.runner.select_tokens(ahead.tokens, rows)
             self.num_lookahead_steps["used"] += 1
         else:
             tokens = self.runner.decode_greedy([s.last_token for s in seqs], lens, [s.block_table for s in seqs])

@@ -54,13 +54,15 @@ class DeviceTokens:
     memory; `tolist()` waits for that copy only (not for work queued after it)."""
 
     device: torch.Tensor  # (B,) int64
-    host: torch.Tensor  # (B,) int64, pinned on CUDA
+    host: torch.Tensor  # (B0,) int64, pinned on CUDA: the step's tokens, of which rows `rows` are ours
     event: torch.cuda.Event | None
+    rows: tuple[int, ...] | None = None  # None: every row of `host`
 
     def tolist(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
-        return self.host.tolist()
+        values = self.host.tolist()
+        return values if self.rows is None else [values[row] for row in self.rows]
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,13 @@ class ModelRunner:
         # in turn, so that a step's tokens outlive the next step's launch (which reads them) and are
         # not overwritten before the host reads them.
         pinned = self.device.type == "cuda"
+        # Each also has a pinned and a device buffer of row indices, for select_tokens. The host is never
+        # more than one step ahead of the GPU (each step reads its tokens), which is what makes three enough.
         self._token_slots = [(torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device),
                               torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pinned),
-                              torch.cuda.Event() if pinned else None) for _ in range(3)]
+                              torch.cuda.Event() if pinned else None,
+                              torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pinned),
+                              torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)) for _ in range(3)]
         self._next_token_slot = 0
         self.graphs_captured = False
         if config.use_cuda_graphs and self.device.type == "cuda":
@@ -322,11 +328,27 @@ class ModelRunner:
         (`tolist()`), so the GPU never idles while the host turns a step around."""
         _, logits = self._launch_decode(last_tokens, context_lens, block_tables)
         batch = logits.shape[0]
-        slot = self._token_slots[self._next_token_slot]
-        self._next_token_slot = (self._next_token_slot + 1) % len(self._token_slots)
+        slot = self._take_token_slot()
         device, host, event = slot[0][:batch], slot[1][:batch], slot[2]
         torch.argmax(logits, dim=-1, out=device)
         host.copy_(device, non_blocking=True)
         if event is not None:
             event.record()
         return DeviceTokens(device, host, event)
+
+    def select_tokens(self, tokens: DeviceTokens, rows: Sequence[int]) -> DeviceTokens:
+        """Rows `rows` of a greedy step's tokens, gathered on the device without waiting for them
+        (for a batch that lost some sequences: a stop token, an abort)."""
+        slot = self._take_token_slot()
+        index_host, index = slot[3][: len(rows)], slot[4][: len(rows)]
+        index_host.numpy()[:] = rows
+        index.copy_(index_host, non_blocking=True)
+        device = slot[0][: len(rows)]
+        torch.index_select(tokens.device, 0, index, out=device)
+        picked = tuple(rows) if tokens.rows is None else tuple(tokens.rows[row] for row in rows)
+        return DeviceTokens(device, tokens.host, tokens.event, picked)
+
+    def _take_token_slot(self) -> tuple:
+        slot = self._token_slots[self._next_token_slot]
+        self._next_token_slot = (self._next_token_slot + 1) % len(self._token_slots)
+        return slot

@@ -363,3 +363,30 @@ def test_lookahead_decode_survives_arrivals_aborts_and_finishes(model, processor
     assert engine.num_lookahead_steps["used"] > 0
     assert engine.num_lookahead_steps["queued"] > engine.num_lookahead_steps["used"]  # some were dropped
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_lookahead_rows_of_a_stopped_sequence_are_left_out(model, processor, monkeypatch):
+    prompt = "<|user|>\nTell me a long story about {}.<|end|>\n<|assistant|>\n"
+
+    def run(engine, stop_a):
+        rid_a = engine.add_prompt(prompt.format("a cat"), [], SamplingParams(max_new_tokens=30, stop_token_ids=stop_a))
+        rid_b = engine.add_prompt(prompt.format("a dog"), [], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        rid_c = engine.add_prompt(prompt.format("a cow"), [], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        tokens = {rid_a: [], rid_b: [], rid_c: []}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.token_id is not None:
+                    tokens[out.request_id].append(out.token_id)
+        return [tokens[rid_a], tokens[rid_b], tokens[rid_c]]
+
+    free = run(_engine(model, processor, lookahead_decode=False), (-1,))
+    stop = free[0][6]  # the first request stops at this token's first occurrence, mid-decode
+    plain = run(_engine(model, processor, lookahead_decode=False), (stop,))
+    engine = _engine(model, processor, lookahead_decode=True)
+    selected = []
+    select = engine.runner.select_tokens
+    monkeypatch.setattr(engine.runner, "select_tokens", lambda tokens, rows: selected.append(list(rows)) or select(tokens, rows))
+    assert run(engine, (stop,)) == plain
+    assert plain[0][-1] == stop and len(plain[0]) < 30 and len(plain[1]) == len(plain[2]) == 30
+    assert selected == [[1, 2]]  # the step queued for all three served the other two
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
