@@ -588,6 +588,9 @@ def main() -> None:
                 "engine_steps_by_kind": {kind: after.get(f'phivision_engine_steps_by_kind_total{{kind="{kind}"}}', 0)
                                          - before.get(f'phivision_engine_steps_by_kind_total{{kind="{kind}"}}', 0)
                                          for kind in ("prefill", "decode")},
+                "lookahead_steps": {outcome: after.get(f'phivision_lookahead_steps_total{{outcome="{outcome}"}}', 0)
+                                    - before.get(f'phivision_lookahead_steps_total{{outcome="{outcome}"}}', 0)
+                                    for outcome in ("queued", "used")},
             },
             "settings": {
                 "server_args": args.server_arg,
@@ -609,7 +612,8 @@ def main() -> None:
         print(f"ours W4: " + json.dumps({k: w4[k] for k in ("output_tok_s", "ttft_ms_mean", "ttft_ms_p99", "itl_ms_p99",
                                                             "e2e_s", "peak_gib")}), flush=True)
         print(f"engine thread during the run: {json.dumps(w4['server']['engine_time_s'])} s, steps "
-              f"{json.dumps(w4['server']['engine_steps_by_kind'])}", flush=True)
+              f"{json.dumps(w4['server']['engine_steps_by_kind'])}, lookahead {json.dumps(w4['server']['lookahead_steps'])}",
+              flush=True)
 
         # ---- after the server has gone: device facts, ceilings, floors, baseline (GPU only)
         if cuda:

@@ -38,6 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
     engine.add_argument("--max-num-batched-tokens", type=positive_int, default=8192,
                         help="prompt tokens prefilled per step: more is faster in aggregate, fewer keeps answers flowing (default: %(default)s)")
     engine.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
+    engine.add_argument("--lookahead-decode", choices=("auto", "on", "off"), default="auto",
+                        help="queue each greedy decode step before the previous step's tokens are read (auto: on GPUs)")
     limits = p.add_argument_group("limits and image sources")
     limits.add_argument("--allow-urls", action="store_true", help="let requests name http(s) image URLs (the server fetches them)")
     limits.add_argument("--image-dir", type=Path, default=None, help="let requests name local image files, only under this folder")
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                                                  prefill_chunk_size=args.max_num_batched_tokens,
                                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                                  use_cuda_graphs=not args.no_cuda_graphs,
+                                                 lookahead_decode={"auto": None, "on": True, "off": False}[args.lookahead_decode],
                                                  capture_vision_graphs_at_start=True))
     notice(args, f"loading {model} on {device} ({dtype}) in the engine process")
     engine = AsyncEngine(spec)

@@ -91,6 +91,10 @@ class ServerMetrics:
         lines += ["# HELP phivision_engine_steps_by_kind_total Engine steps by kind.",
                   "# TYPE phivision_engine_steps_by_kind_total counter"]
         lines += [f'phivision_engine_steps_by_kind_total{{kind="{k}"}} {v}' for k, v in steps.items()]
+        lines += ["# HELP phivision_lookahead_steps_total Greedy decode steps queued before the previous step's "
+                  "tokens were read, and those used (the rest were dropped).",
+                  "# TYPE phivision_lookahead_steps_total counter"]
+        lines += [f'phivision_lookahead_steps_total{{outcome="{k}"}} {v}' for k, v in stats.get("lookahead_steps", {}).items()]
         if "gpu_memory_peak" in stats:
             lines += metric("phivision_gpu_memory_allocated_bytes", "gauge", "GPU memory held by tensors now.",
                             stats["gpu_memory_allocated"])

@@ -57,10 +57,16 @@ def test_32_concurrent_requests_give_the_same_greedy_text_as_alone(server):
                                            extra_body={"num_crops": 4})
         return r.choices[0].message.content, r.usage.completion_tokens
 
+    def lookahead_used() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        return float(text.split('phivision_lookahead_steps_total{outcome="used"} ')[1].split()[0])
+
+    before = lookahead_used()
     alone = [ask(m) for m in requests]
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(ask, requests))
     assert together == alone
+    assert lookahead_used() > before  # decode steps were queued ahead (the test server runs with it on)
     assert len(set(text for text, _ in alone)) > 1  # the requests really differ
     wait_until(lambda: pool_is_full(server), what="the KV pool to be free again")
 
