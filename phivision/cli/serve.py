@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list[argparse.Ar
                         help="prompt tokens prefilled per step: more is faster in aggregate, fewer keeps answers flowing (default: %(default)s)")
     engine.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
     engine.add_argument("--lookahead-decode", choices=("auto", "on", "off"), default="auto",
-                        help="queue each greedy decode step before the previous step's tokens are read (auto: on GPUs)")
+                        help="queue each decode step before the previous step's tokens are read (auto: on GPUs)")
     limits = p.add_argument_group("limits and image sources")
     limits.add_argument("--allow-urls", action="store_true", help="let requests name http(s) image URLs (the server fetches them)")
     limits.add_argument("--image-dir", type=Path, default=None, help="let requests name local image files, only under this folder")

@@ -70,8 +70,8 @@ class EngineConfig:
     # requests wait): what a server wants, so that no burst pays for captures. `phivision serve` sets it.
     capture_vision_graphs_at_start: bool = False
     image_cache_entries: int = 64
-    # Queue a greedy decode step before the previous step's tokens are read, feeding them on the
-    # device (see Engine._decode_greedy). None: on CUDA only, where the GPU runs ahead of the host.
+    # Queue a decode step before the previous step's tokens are read, feeding them on the device
+    # (see Engine._decode_ahead). None: on CUDA only, where the GPU runs ahead of the host.
     lookahead_decode: bool | None = None
 
 
@@ -182,8 +182,8 @@ def _peak_activation_bytes(model: torch.nn.Module, config: EngineConfig, max_mod
 
 @dataclass(frozen=True)
 class _Lookahead:
-    """A greedy decode step queued before its inputs were confirmed: for these sequences at these
-    context lengths, fed the previous step's tokens on the device."""
+    """A decode step queued before its inputs were confirmed: for these sequences at these context
+    lengths, fed the previous step's tokens on the device."""
 
     seqs: tuple[Sequence, ...]
     lens: tuple[int, ...]
@@ -435,10 +435,27 @@ class Engine:
 
     # ------------------------------------------------------------------ stepping
 
+    @staticmethod
+    def _batch_pick(states: list[RequestState]):
+        """How to pick every row's token of a decode batch on the device in one go: None for the
+        argmax (all greedy), a function of the logits (B, V) when all rows sample with the same
+        parameters and no request has its own seeded generator, else False (row by row)."""
+        if all(s.params.greedy for s in states):
+            return None
+        first = states[0].params
+        same = all(s.generator is None and (s.params.temperature, s.params.top_k, s.params.top_p)
+                   == (first.temperature, first.top_k, first.top_p) for s in states)
+        return (lambda logits: sample(logits, first)) if same else False
+
     def _sample(self, logits: torch.Tensor, states: list[RequestState]) -> list[int]:
         """One token per row of logits (B, V), each with its request's parameters."""
-        if all(s.params.greedy for s in states):
+        pick = self._batch_pick(states)
+        if pick is None:
             return logits.argmax(dim=-1).tolist()
+        if pick is not False:
+            # One set of sampling kernels for the batch, not one per row: a server's requests mostly
+            # share the default parameters, and 64 rows sampled one by one cost milliseconds of launches.
+            return pick(logits).tolist()
         tokens = []
         for row, state in enumerate(states):
             tokens.append(int(sample(logits[row : row + 1], state.params, state.generator)[0]))
@@ -453,8 +470,9 @@ class Engine:
             self.num_steps[self._last_kind] += 1
         return outputs
 
-    def _decode_greedy(self, seqs: list[Sequence], ahead: "_Lookahead | None") -> list[int]:
-        """A greedy decode step that leaves the GPU the next one queued while the host reads its tokens.
+    def _decode_ahead(self, seqs: list[Sequence], ahead: "_Lookahead | None", pick) -> list[int]:
+        """A decode step whose tokens are picked on the device (`pick`, see `_batch_pick`: greedy, or
+        sampled alike without seeds), leaving the GPU the next step queued while the host reads them.
 
         Between two decode steps the GPU would idle while the host reads the tokens, updates the
         sequences and prepares the next step (0.1-0.4 ms on an H200's host, against 2.7-8 ms steps).
@@ -465,7 +483,8 @@ class Engine:
         aborted are left out: each row of a step depends on its own sequence only). Otherwise (a
         new request, say) it is dropped: it wrote only KV slots that the step run instead writes
         again, or slots of blocks freed before any later work in the stream, so nothing of it
-        remains. Greedy tokens are the same either way.
+        remains. Greedy tokens are the same either way; sampled ones are draws from the same
+        distributions (seeded requests, whose draws must repeat, never run ahead).
         """
         lens = [s.num_tokens for s in seqs]
         rows = ahead.rows_of(seqs, lens) if ahead is not None else None
@@ -475,11 +494,11 @@ class Engine:
             tokens = ahead.tokens if full else self.runner.select_tokens(ahead.tokens, rows)
             self.num_lookahead_steps["used"] += 1
         else:
-            tokens = self.runner.decode_greedy([s.last_token for s in seqs], lens, [s.block_table for s in seqs])
+            tokens = self.runner.decode_queued([s.last_token for s in seqs], lens, [s.block_table for s in seqs], pick)
         next_lens = self.scheduler.next_decode_if_no_stop(seqs)
         if next_lens is not None:
             self._ahead = _Lookahead(tuple(seqs), tuple(next_lens),
-                                     self.runner.decode_greedy(tokens, next_lens, [s.block_table for s in seqs]))
+                                     self.runner.decode_queued(tokens, next_lens, [s.block_table for s in seqs], pick))
             self.num_lookahead_steps["queued"] += 1
         return tokens.tolist()
 
@@ -511,8 +530,8 @@ class Engine:
             if sampled:
                 new = iter(self._sample(torch.stack([logits_of[r] for r in sampled]), [states[r] for r in sampled]))
                 tokens = [next(new) if last else None for last in batch.is_last_chunk]
-        elif self.lookahead_decode and all(state.params.greedy for state in states):
-            tokens = self._decode_greedy(batch.seqs, ahead)
+        elif self.lookahead_decode and (pick := self._batch_pick(states)) is not False:
+            tokens = self._decode_ahead(batch.seqs, ahead, pick)
         else:
             logits = self.runner.decode([s.last_token for s in batch.seqs], [s.num_tokens for s in batch.seqs],
                                         [s.block_table for s in batch.seqs])

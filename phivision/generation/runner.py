@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,16 +321,21 @@ class ModelRunner:
         return self._launch_decode(last_tokens, context_lens, block_tables)[1]
 
     @torch.inference_mode()
-    def decode_greedy(self, last_tokens: Sequence[int] | "DeviceTokens", context_lens: Sequence[int],
-                      block_tables: Sequence[Sequence[int]]) -> "DeviceTokens":
-        """A decode step whose tokens are the argmax of its logits, queued without waiting for them:
-        the result's `device` tensor can feed the next step before the host has read it
-        (`tolist()`), so the GPU never idles while the host turns a step around."""
+    def decode_queued(self, last_tokens: Sequence[int] | "DeviceTokens", context_lens: Sequence[int],
+                      block_tables: Sequence[Sequence[int]],
+                      pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "DeviceTokens":
+        """A decode step whose tokens are picked on the device (`pick`: logits (B, V) -> ids (B,),
+        default the argmax), queued without waiting for them: the result's `device` tensor can feed
+        the next step before the host has read it (`tolist()`), so the GPU never idles while the
+        host turns a step around."""
         _, logits = self._launch_decode(last_tokens, context_lens, block_tables)
         batch = logits.shape[0]
         slot = self._take_token_slot()
         device, host, event = slot[0][:batch], slot[1][:batch], slot[2]
-        torch.argmax(logits, dim=-1, out=device)
+        if pick is None:
+            torch.argmax(logits, dim=-1, out=device)
+        else:
+            device.copy_(pick(logits))
         host.copy_(device, non_blocking=True)
         if event is not None:
             event.record()

@@ -91,7 +91,7 @@ class ServerMetrics:
         lines += ["# HELP phivision_engine_steps_by_kind_total Engine steps by kind.",
                   "# TYPE phivision_engine_steps_by_kind_total counter"]
         lines += [f'phivision_engine_steps_by_kind_total{{kind="{k}"}} {v}' for k, v in steps.items()]
-        lines += ["# HELP phivision_lookahead_steps_total Greedy decode steps queued before the previous step's "
+        lines += ["# HELP phivision_lookahead_steps_total Decode steps queued before the previous step's "
                   "tokens were read, and those used (the rest were dropped).",
                   "# TYPE phivision_lookahead_steps_total counter"]
         lines += [f'phivision_lookahead_steps_total{{outcome="{k}"}} {v}' for k, v in stats.get("lookahead_steps", {}).items()]

@@ -390,3 +390,28 @@ def test_lookahead_rows_of_a_stopped_sequence_are_left_out(model, processor, mon
     assert plain[0][-1] == stop and len(plain[0]) < 30 and len(plain[1]) == len(plain[2]) == 30
     assert selected == [[1, 2]]  # the step queued for all three served the other two
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_lookahead_with_sampling_unless_seeded(model, processor):
+    prompt = "<|user|>\nTell me a long story about {}.<|end|>\n<|assistant|>\n"
+
+    def run(engine, params):
+        rids = [engine.add_prompt(prompt.format(animal), [], params) for animal in ("a cat", "a dog")]
+        tokens = {rid: [] for rid in rids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.token_id is not None:
+                    tokens[out.request_id].append(out.token_id)
+        return [tokens[rid] for rid in rids]
+
+    # Unseeded and alike: the batch is sampled on the device in one go and runs ahead.
+    engine = _engine(model, processor, lookahead_decode=True)
+    sampled = run(engine, SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.95, ignore_eos=True))
+    assert [len(t) for t in sampled] == [20, 20]
+    assert engine.num_lookahead_steps["used"] > 0
+    # Seeded: each request draws from its own generator, row by row, and never runs ahead, so its
+    # draws are those of the engine without lookahead.
+    seeded = SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+    engine = _engine(model, processor, lookahead_decode=True)
+    assert run(engine, seeded) == run(_engine(model, processor, lookahead_decode=False), seeded)
+    assert engine.num_lookahead_steps["queued"] == 0
