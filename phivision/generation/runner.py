@@ -50,8 +50,8 @@ class PrefillChunk:
 
 @dataclass(frozen=True)
 class DeviceTokens:
-    """One token per row of a greedy decode step, queued on the device and copied to pinned host
-    memory; `tolist()` waits for that copy only (not for work queued after it)."""
+    """One token per row of a queued decode step, on the device and copied to pinned host memory;
+    `tolist()` waits for that copy only (not for work queued after it)."""
 
     device: torch.Tensor  # (B,) int64
     host: torch.Tensor  # (B0,) int64, pinned on CUDA: the step's tokens, of which rows `rows` are ours
@@ -163,12 +163,12 @@ class ModelRunner:
                                            dtype=self.dtype, device=self.device)
         sizes = sorted({b for b in graph_batch_sizes if b <= config.max_num_seqs} | {config.max_num_seqs})
         self._graphs = {b: _DecodeGraph(self, b) for b in sizes}
-        # Where greedy steps leave their tokens: on the device and in pinned host memory. Three, used
-        # in turn, so that a step's tokens outlive the next step's launch (which reads them) and are
-        # not overwritten before the host reads them.
+        # Where queued steps leave their tokens (device, pinned host copy, its event) and where
+        # select_tokens puts its row indices (pinned, device). Three slots, taken in turn: a step's
+        # tokens must outlive the next step's launch, which reads them on the device, and the host's
+        # read of them; the host is never more than one step ahead of the GPU (each engine step reads
+        # the tokens of the step before), and an engine step takes at most two slots.
         pinned = self.device.type == "cuda"
-        # Each also has a pinned and a device buffer of row indices, for select_tokens. The host is never
-        # more than one step ahead of the GPU (each step reads its tokens), which is what makes three enough.
         self._token_slots = [(torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device),
                               torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pinned),
                               torch.cuda.Event() if pinned else None,
@@ -341,8 +341,9 @@ class ModelRunner:
             event.record()
         return DeviceTokens(device, host, event)
 
+    @torch.inference_mode()
     def select_tokens(self, tokens: DeviceTokens, rows: Sequence[int]) -> DeviceTokens:
-        """Rows `rows` of a greedy step's tokens, gathered on the device without waiting for them
+        """Rows `rows` of a queued step's tokens, gathered on the device without waiting for them
         (for a batch that lost some sequences: a stop token, an abort)."""
         slot = self._take_token_slot()
         index_host, index = slot[3][: len(rows)], slot[4][: len(rows)]
