@@ -126,7 +126,7 @@ class PagedBatch:
 
     def __init__(self, pool: PagedKVCache, *, kind: str, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  long_rope: torch.Tensor, context_lens: torch.Tensor | None = None, start: int = 0,
-                 segments: list[tuple[int, int, int]] | None = None,
+                 segments: list[tuple[int, int, int]] | None = None, cu_seqlens: torch.Tensor | None = None,
                  num_splits: int = 1, scratch: tuple[torch.Tensor, ...] | None = None):
         if kind not in ("decode", "prefill"):
             raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
@@ -138,6 +138,9 @@ class PagedBatch:
         self.long_rope = long_rope  # (B,) bool: which LongRoPE factor set each row's keys use
         self.start = start
         self.segments = segments  # prefill only; None = one sequence starting at `start`
+        # prefill on CUDA, when every segment starts its sequence: int32 (N + 1,) segment offsets and
+        # T on the device, for one packed attention call instead of one per segment
+        self.cu_seqlens = cu_seqlens
         self.num_splits = num_splits
         self.scratch = scratch
 
@@ -160,7 +163,8 @@ class PagedBatch:
     def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         """(B, T, (H + 2*H_kv) * D) un-rotated projections -> (B, T, H * D) attention output."""
-        from ..kernels.paged_attention import paged_decode_attention, paged_prefill_attention, rope_and_write_kv_
+        from ..kernels.paged_attention import (packed_causal_attention, paged_decode_attention, paged_prefill_attention,
+                                              rope_and_write_kv_)
 
         batch, num_new, width = qkv.shape
         flat = qkv.reshape(batch * num_new, width)  # (N, width), N = B*T tokens
@@ -177,6 +181,11 @@ class PagedBatch:
         k = k.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)  # (1, H_kv, T, D)
         v = v.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)
         segments = self.segments or [(0, num_new, self.start)]
+        if len(segments) > 1 and num_heads == num_kv_heads and all(start == 0 for _, _, start in segments):
+            # Several prompts from their starts: they attend only to themselves, all in one call.
+            out = packed_causal_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), self.cu_seqlens,
+                                          [length for _, length, _ in segments])  # (T, H, D)
+            return out.reshape(1, num_new, q_size)
         outs = [
             paged_prefill_attention(q[:, :, offset : offset + length], k[:, :, offset : offset + length],
                                     v[:, :, offset : offset + length], k_pool, v_pool, self.block_tables[row], start)

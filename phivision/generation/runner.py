@@ -251,6 +251,7 @@ class ModelRunner:
             long_rope=torch.tensor([long_rope]).to(self.device, non_blocking=True),
             start=chunks[0].start,
             segments=segments,
+            cu_seqlens=self._packed_offsets(segments),
         )
         with self._prefill_attention(chunks):
             # ids go on the host copy: the model places image features from it without a readback.
@@ -260,6 +261,14 @@ class ModelRunner:
                                 logits_positions=[offset + length - 1 for offset, length, _ in segments],
                                 has_images=has_images)
         return logits[0]  # (S, V)
+
+    def _packed_offsets(self, segments: list[tuple[int, int, int]]) -> torch.Tensor | None:
+        """On CUDA, for several chunks that all start their sequences: their row offsets and the
+        row's length, int32 on the device (packed attention's cu_seqlens); else None."""
+        if self.device.type != "cuda" or len(segments) < 2 or any(start for _, _, start in segments):
+            return None
+        offsets = np.array([offset for offset, _, _ in segments] + [sum(length for _, length, _ in segments)], dtype=np.int32)
+        return torch.from_numpy(offsets).to(self.device, non_blocking=True)
 
     def _prefill_attention(self, chunks: Sequence[PrefillChunk]):
         """On CUDA, prefill attention uses the flash / memory-efficient SDPA kernels, not cuDNN's:

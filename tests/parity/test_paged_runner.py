@@ -127,3 +127,22 @@ def test_decode_inputs_of_a_padded_batch(model, tiny_checkpoint, tiny_manifest):
     for row, (token, length, table) in enumerate(zip(tokens, lengths, tables)):
         alone = runner.decode([token], [length], [table])  # rewrites the same slot with the same key/value
         assert torch.allclose(alone[0], together[row], atol=1e-5), row
+
+
+def test_packed_causal_attention_keeps_sequences_apart():
+    from phivision.kernels.paged_attention import packed_causal_attention
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    total, heads, dim = sum(lengths), 4, 8
+    qkv = torch.randn(total, 3 * heads * dim)
+    q, k, v = (part.view(total, heads, dim) for part in qkv.split(heads * dim, dim=-1))  # strided rows, as in the model
+    out = packed_causal_attention(q, k, v, None, lengths)  # (T, H, D)
+    # The same as one attention over the whole row with a block-diagonal causal mask.
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.arange(total)
+    mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+    expected = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                                attn_mask=mask).transpose(0, 1)
+    torch.testing.assert_close(out, expected)
+    assert out.shape == (total, heads, dim)
