@@ -9,7 +9,6 @@ batch 1 is simply the smallest graph.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from ..model.language import fused_sdpa_only
 from .kv_cache import PagedBatch, PagedKVCache
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
-# A single prompt at least this long (from its start) keeps PyTorch's SDPA choice (cuDNN on Hopper).
-CUDNN_MIN_PREFILL_TOKENS = 4096
 
 
 def _table_array(block_tables: Sequence[Sequence[int]], rows: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -271,15 +268,13 @@ class ModelRunner:
         return torch.from_numpy(offsets).to(self.device, non_blocking=True)
 
     def _prefill_attention(self, chunks: Sequence[PrefillChunk]):
-        """On CUDA, prefill attention uses the flash / memory-efficient SDPA kernels, not cuDNN's:
-        cuDNN builds an execution plan for every new (query, key) length, and a server sees new
-        lengths all the time (measured on W4, H100: prefill steps 1.7-2.6 s in all with cuDNN, 1.1 s
-        with flash; on an H200, py-spy found the engine process inside those SDPA calls in 42% of
-        its samples during a W4 burst). The one exception is a single long prompt from its start,
-        where cuDNN's kernel is faster by more than a plan costs (W3's 8K-token prefill, H100:
-        160 ms against 188)."""
-        if len(chunks) == 1 and chunks[0].start == 0 and len(chunks[0].token_ids) >= CUDNN_MIN_PREFILL_TOKENS:
-            return contextlib.nullcontext()
+        """On CUDA, prefill attention uses the flash / memory-efficient SDPA kernels, never cuDNN's:
+        cuDNN builds an execution plan for every new (query, key) length, and real prompts come in
+        new lengths all the time. Measured on an H200 (2026-12-03, third session), one prompt from its
+        start, each of a length not seen before: 6K tokens 94-96 ms with flash, 135-139 with cuDNN;
+        8.1K tokens 135-138 with flash, 167-173 with cuDNN (125 only when a length repeats, as in a
+        benchmark that sends the same prompt again). W4, H100: prefill steps 1.7-2.6 s in all with
+        cuDNN, 1.1 s with flash."""
         return fused_sdpa_only(self.device)
 
     def _graph_for(self, batch: int) -> _DecodeGraph:
