@@ -115,7 +115,8 @@ class PagedBatch:
     through `block_tables`. prefill: chunks of one or more sequences packed into one row (input
     (1, T)); `segments[i] = (offset, length, start)` says that tokens [offset, offset + length) of
     the row are sequence i's positions [start, start + length), its blocks in `block_tables[i]`.
-    The projections, norms and MLPs run on all chunks at once; attention runs per chunk. New
+    The projections, norms and MLPs run on all chunks at once; attention runs per chunk (in one
+    packed call when every chunk starts its sequence). New
     keys/values go to `slot_mapping` (one slot per new token, -1 = skip).
     `long_rope` fixes each row's LongRoPE factor set (the scheduler's rule, spec §6.8): a chunk of
     a long prompt already uses the long factors.
