@@ -34,15 +34,20 @@ def _engine(model, processor, **overrides):
     return Engine(model, processor, EngineConfig(**{**settings, **overrides}))
 
 
-def _run(engine, cases, processor_golden, params=GREEDY_24):
-    ids = [engine.add_prompt(c["prompt"], [str(processor_golden / p) for p in c["images"]], params, num_crops=c["num_crops"])
-           for c in cases]
+def _drain(engine, ids):
+    """Steps the engine until it has no work; the new tokens of each request in `ids`."""
     tokens = {rid: [] for rid in ids}
     while engine.has_unfinished():
         for out in engine.step():
             if out.token_id is not None:
                 tokens[out.request_id].append(out.token_id)
     return [tokens[rid] for rid in ids]
+
+
+def _run(engine, cases, processor_golden, params=GREEDY_24):
+    ids = [engine.add_prompt(c["prompt"], [str(processor_golden / p) for p in c["images"]], params, num_crops=c["num_crops"])
+           for c in cases]
+    return _drain(engine, ids)
 
 
 def test_all_golden_cases_batched_with_chunked_prefill(model, processor, tiny_manifest, processor_golden):
@@ -372,12 +377,7 @@ def test_lookahead_rows_of_a_stopped_sequence_are_left_out(model, processor, mon
         rid_a = engine.add_prompt(prompt.format("a cat"), [], SamplingParams(max_new_tokens=30, stop_token_ids=stop_a))
         rid_b = engine.add_prompt(prompt.format("a dog"), [], SamplingParams(max_new_tokens=30, ignore_eos=True))
         rid_c = engine.add_prompt(prompt.format("a cow"), [], SamplingParams(max_new_tokens=30, ignore_eos=True))
-        tokens = {rid_a: [], rid_b: [], rid_c: []}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.token_id is not None:
-                    tokens[out.request_id].append(out.token_id)
-        return [tokens[rid_a], tokens[rid_b], tokens[rid_c]]
+        return _drain(engine, [rid_a, rid_b, rid_c])
 
     free = run(_engine(model, processor, lookahead_decode=False), (-1,))
     stop = free[0][6]  # the first request stops at this token's first occurrence, mid-decode
@@ -396,13 +396,7 @@ def test_lookahead_with_sampling_unless_seeded(model, processor):
     prompt = "<|user|>\nTell me a long story about {}.<|end|>\n<|assistant|>\n"
 
     def run(engine, params):
-        rids = [engine.add_prompt(prompt.format(animal), [], params) for animal in ("a cat", "a dog")]
-        tokens = {rid: [] for rid in rids}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.token_id is not None:
-                    tokens[out.request_id].append(out.token_id)
-        return [tokens[rid] for rid in rids]
+        return _drain(engine, [engine.add_prompt(prompt.format(animal), [], params) for animal in ("a cat", "a dog")])
 
     # Unseeded and alike: the batch is sampled on the device in one go and runs ahead.
     engine = _engine(model, processor, lookahead_decode=True)
