@@ -139,8 +139,8 @@ class PagedBatch:
         self.long_rope = long_rope  # (B,) bool: which LongRoPE factor set each row's keys use
         self.start = start
         self.segments = segments  # prefill only; None = one sequence starting at `start`
-        # prefill on CUDA, when every segment starts its sequence: int32 (N + 1,) segment offsets and
-        # T on the device, for one packed attention call instead of one per segment
+        # prefill, when there are several segments and each starts its sequence: int32 (N + 1,)
+        # segment offsets and T on the device, for one packed attention call instead of one per segment
         self.cu_seqlens = cu_seqlens
         self.num_splits = num_splits
         self.scratch = scratch
@@ -182,7 +182,7 @@ class PagedBatch:
         k = k.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)  # (1, H_kv, T, D)
         v = v.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)
         segments = self.segments or [(0, num_new, self.start)]
-        if len(segments) > 1 and num_heads == num_kv_heads and all(start == 0 for _, _, start in segments):
+        if self.cu_seqlens is not None and num_heads == num_kv_heads:
             # Several prompts from their starts: they attend only to themselves, all in one call.
             out = packed_causal_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), self.cu_seqlens,
                                           [length for _, length, _ in segments])  # (T, H, D)

@@ -260,9 +260,9 @@ class ModelRunner:
         return logits[0]  # (S, V)
 
     def _packed_offsets(self, segments: list[tuple[int, int, int]]) -> torch.Tensor | None:
-        """On CUDA, for several chunks that all start their sequences: their row offsets and the
-        row's length, int32 on the device (packed attention's cu_seqlens); else None."""
-        if self.device.type != "cuda" or len(segments) < 2 or any(start for _, _, start in segments):
+        """For several chunks that all start their sequences, which attention then runs in one packed
+        call: their row offsets and the row's length, int32 on the device (cu_seqlens); else None."""
+        if len(segments) < 2 or any(start for _, _, start in segments):
             return None
         offsets = np.array([offset for offset, _, _ in segments] + [sum(length for _, length, _ in segments)], dtype=np.int32)
         return torch.from_numpy(offsets).to(self.device, non_blocking=True)
@@ -284,8 +284,8 @@ class ModelRunner:
         raise ValueError(f"a decode batch of {batch} is over max_num_seqs={self.config.max_num_seqs}")
 
     def _launch_decode(self, last_tokens: Sequence[int] | "DeviceTokens", context_lens: Sequence[int],
-                       block_tables: Sequence[Sequence[int]]) -> tuple[_DecodeGraph, torch.Tensor]:
-        """Queues one decode step; (its graph, its logits (B, V), valid until the graph's next replay).
+                       block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Queues one decode step; its logits (B, V), valid until the same graph's next replay.
         `last_tokens` may be a previous step's tokens still on the device (their host values unread)."""
         batch = len(context_lens)
         g = self._graph_for(batch)
@@ -312,8 +312,8 @@ class ModelRunner:
             g.input_ids[:batch, 0].copy_(last_tokens.device)  # after the upload, in stream order
         if g.graph is not None:
             g.graph.replay()
-            return g, g.logits[:batch]
-        return g, g.run_eager(self)[:batch]
+            return g.logits[:batch]
+        return g.run_eager(self)[:batch]
 
     @torch.inference_mode()
     def decode(self, last_tokens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -322,7 +322,7 @@ class ModelRunner:
         Each row uses the long factors iff its length is over original_max_position_embeddings; the
         scheduler re-prefills a sequence at the step it crosses, so its cached keys agree.
         """
-        return self._launch_decode(last_tokens, context_lens, block_tables)[1]
+        return self._launch_decode(last_tokens, context_lens, block_tables)
 
     @torch.inference_mode()
     def decode_queued(self, last_tokens: Sequence[int] | "DeviceTokens", context_lens: Sequence[int],
@@ -332,7 +332,7 @@ class ModelRunner:
         default the argmax), queued without waiting for them: the result's `device` tensor can feed
         the next step before the host has read it (`tolist()`), so the GPU never idles while the
         host turns a step around."""
-        _, logits = self._launch_decode(last_tokens, context_lens, block_tables)
+        logits = self._launch_decode(last_tokens, context_lens, block_tables)
         batch = logits.shape[0]
         slot = self._take_token_slot()
         device, host, event = slot[0][:batch], slot[1][:batch], slot[2]
