@@ -379,12 +379,15 @@ def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: tor
     return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])
 
 
-def staged_rgb(image: Image.Image, pin_memory: bool) -> torch.Tensor:
+def staged_rgb(image: Image.Image, pin_memory: bool, pixels: np.ndarray | None = None) -> torch.Tensor:
     """The image's RGB pixels as an (H, W, 3) uint8 tensor, in pinned memory when asked: the host
-    copy the GPU path needs, made wherever the image was decoded (side by side for many images)."""
-    image = _to_rgb(image)
-    staged = torch.empty((image.height, image.width, 3), dtype=torch.uint8, pin_memory=pin_memory)
-    staged.numpy()[...] = np.asarray(image)
+    copy the GPU path needs, made wherever the image was decoded (side by side for many images).
+    `pixels`: those RGB pixels as an array when the decoder gave them (`load_image_rgb`), which
+    saves reading them out of PIL."""
+    if pixels is None:
+        pixels = np.asarray(_to_rgb(image))
+    staged = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=pin_memory)  # (H, W, 3)
+    staged.numpy()[...] = pixels
     return staged
 
 

@@ -1,0 +1,142 @@
+"""The libspng path for PNGs (processing/png.py): the same pixels as Pillow, or no answer at all."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from phivision.errors import ImageLoadError
+from phivision.processing import png
+from phivision.processing.image import staged_rgb
+from phivision.processing.loading import load_image, load_image_rgb
+
+needs_spng = pytest.mark.skipif(not png.available(), reason="pyspng is not installed (pip install 'phivision[fast]')")
+
+
+def picture(width: int, height: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Smooth gradients plus noise: compresses with every PNG filter type in play."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 3 + y) % 256, (y * 5) % 256, (x * y) % 256, (x + 7 * y) % 256][:channels], axis=-1)
+    noise = rng.integers(0, 40, size=(height, width, channels))
+    return ((base + noise) % 256).astype(np.uint8)
+
+
+def encode(array: np.ndarray, mode: str | None = None, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, "PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def with_chunk(data: bytes, kind: bytes, body: bytes) -> bytes:
+    """`data` with one more chunk right after IHDR (where gAMA, tRNS, acTL and friends go)."""
+    return data[:33] + chunk(kind, body) + data[33:]
+
+
+def pillow_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@needs_spng
+@pytest.mark.parametrize("size", [(1, 1), (37, 23), (640, 3), (3, 500), (1344, 1344)])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_truecolour_pngs_give_pillows_pixels(size, channels):
+    array = picture(*size, channels, seed=size[0])
+    for options in ({}, {"optimize": True}, {"compress_level": 0}):
+        data = encode(array, **options)
+        image, pixels = load_image_rgb(data)
+        assert pixels is not None and pixels.shape == (size[1], size[0], 3)
+        assert np.array_equal(pixels, pillow_rgb(data))
+        # The PIL image is what Pillow would have given: its mode and its pixels.
+        assert image.mode == ("RGB" if channels == 3 else "RGBA")
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data))))
+        assert np.array_equal(staged_rgb(image, pin_memory=False, pixels=pixels).numpy(), pillow_rgb(data))
+
+
+@needs_spng
+def test_ancillary_chunks_change_nothing():
+    data = encode(picture(64, 48, 3))
+    for kind, body in [(b"gAMA", struct.pack(">I", 100000)),  # gamma 1.0: not applied by either decoder
+                       (b"sBIT", bytes([5, 6, 5])),
+                       (b"tRNS", struct.pack(">HHH", 1, 2, 3))]:
+        marked = with_chunk(data, kind, body)
+        image, pixels = load_image_rgb(marked)
+        assert pixels is not None, kind
+        assert np.array_equal(pixels, pillow_rgb(marked)), kind
+        assert np.array_equal(np.asarray(image.convert("RGB")), pillow_rgb(marked)), kind
+
+
+@pytest.mark.parametrize("array, mode", [
+    (picture(30, 20, 1)[..., 0], "L"),  # grey
+    (picture(30, 20, 2), "LA"),  # grey + alpha
+    ((picture(30, 20, 1)[..., 0].astype(np.uint16) * 257), None),  # 16-bit grey
+])
+def test_other_pngs_are_left_to_pillow(array, mode):
+    data = encode(array, mode)
+    assert data[25] in (0, 4)  # the colour type: grey, grey + alpha
+    image, pixels = load_image_rgb(data)
+    assert pixels is None
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data))))
+
+
+def test_palette_and_animated_pngs_are_left_to_pillow():
+    palette = Image.fromarray(picture(30, 20, 3)).quantize(16)
+    buffer = io.BytesIO()
+    palette.save(buffer, "PNG")
+    image, pixels = load_image_rgb(buffer.getvalue())
+    assert pixels is None and image.mode == "P"
+    frames = [Image.fromarray(picture(30, 20, 3, seed)) for seed in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    assert b"acTL" in buffer.getvalue()
+    assert png.decode_truecolour(buffer.getvalue(), (30, 20)) is None
+    image, pixels = load_image_rgb(buffer.getvalue())
+    assert pixels is None and np.array_equal(np.asarray(image.convert("RGB")), np.asarray(frames[0]))
+
+
+def test_corrupt_and_truncated_pngs_get_pillows_errors():
+    data = encode(np.random.default_rng(1).integers(0, 256, size=(200, 300, 3), dtype=np.uint8))
+    with pytest.raises(ImageLoadError, match="truncated"):
+        load_image(data[: len(data) // 2])
+    broken = bytearray(data)
+    broken[200:260] = b"\x00" * 60  # inside the compressed pixel stream
+    with pytest.raises(ImageLoadError, match="corrupt|truncated"):
+        load_image_rgb(bytes(broken))
+    assert png.decode_truecolour(bytes(broken), (300, 200)) is None
+    # Damage libspng itself would decode without a word (it checks neither CRCs nor zlib's checksum):
+    # the CRC check sends it to Pillow, which refuses it as before.
+    near_end = bytearray(data)
+    near_end[-20] ^= 0xFF
+    with pytest.raises(ImageLoadError, match="corrupt|truncated"):
+        load_image(bytes(near_end))
+    # A bad CRC alone: Pillow decodes it (it checks no CRC of the pixel data), so it still loads.
+    bad_crc = bytearray(data)
+    bad_crc[33 + 8 + struct.unpack(">I", data[33:37])[0]] ^= 1  # the first IDAT's CRC
+    assert png.decode_truecolour(bytes(bad_crc), (300, 200)) is None
+    assert np.array_equal(np.asarray(load_image(bytes(bad_crc))), np.asarray(Image.open(io.BytesIO(data))))
+
+
+def test_not_a_png_or_a_wrong_size_gives_no_pixels():
+    data = encode(picture(30, 20, 3))
+    assert png.decode_truecolour(data[:20], (30, 20)) is None
+    assert png.decode_truecolour(b"GIF89a" + data[6:], (30, 20)) is None
+    if png.available():
+        assert png.decode_truecolour(data, (30, 21)) is None
+        assert png.decode_truecolour(data, (30, 20)) is not None
+
+
+def test_without_pyspng_pillow_decodes_everything(monkeypatch):
+    monkeypatch.setattr(png, "pyspng", None)
+    data = encode(picture(50, 40, 3))
+    image, pixels = load_image_rgb(data)
+    assert pixels is None and not png.available()
+    assert np.array_equal(np.asarray(image), pillow_rgb(data))
