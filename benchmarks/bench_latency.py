@@ -292,8 +292,9 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="max_num_batched_tokens and prefill_chunk_size of our engine (default: EngineConfig's)")
-    parser.add_argument("--ab-lookahead", action="store_true",
-                        help="also run each workload with lookahead_decode off, before it (key no_lookahead)")
+    parser.add_argument("--ab-off", default="",
+                        help="comma-separated EngineConfig switches (lookahead_decode, cudnn_prefill): also run each "
+                             "workload with each one off, before it (keys no_<switch>)")
     args = parser.parse_args()
     names = args.workloads.split(",")
     config = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
@@ -309,10 +310,11 @@ def main() -> None:
         processor = Processor.from_pretrained(str(ckpt), num_crops=4)
         floors_out = {}
         for name in names:
-            if args.ab_lookahead:
-                report.setdefault("no_lookahead", {})[name] = off = run_ours(model, processor, name, args.prefill_chunk,
-                                                                             lookahead_decode=False)
-                print(f"ours {name}, lookahead off: ttft {off['ttft_ms']:.1f} ms, decode {off['decode_tok_s']:.1f} tok/s", flush=True)
+            for switch in filter(None, args.ab_off.split(",")):
+                report.setdefault(f"no_{switch}", {})[name] = off = run_ours(model, processor, name, args.prefill_chunk,
+                                                                             **{switch: False})
+                print(f"ours {name}, {switch} off: ttft {off['ttft_ms']:.1f} ms, decode {off['decode_tok_s']:.1f} tok/s",
+                      flush=True)
             report[name] = run_ours(model, processor, name, args.prefill_chunk)
             print(f"ours {name}: " + json.dumps({k: v for k, v in report[name].items() if k != "runs"}, default=float), flush=True)
             floors_out[name] = floors(model, int(report[name]["prompt_tokens"]), WORKLOADS[name]["new_tokens"],

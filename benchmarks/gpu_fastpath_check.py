@@ -27,7 +27,7 @@ from gpu_kernel_check import random_real_model  # noqa: E402
 from phivision.generation.engine import Engine, EngineConfig  # noqa: E402
 from phivision.generation.image_cache import encode_images  # noqa: E402
 from phivision.generation.kv_cache import PagedBatch  # noqa: E402
-from phivision.generation.runner import ModelRunner, RunnerConfig  # noqa: E402
+from phivision.generation.runner import ModelRunner, PrefillChunk, RunnerConfig  # noqa: E402
 from phivision.generation.sampling import SamplingParams  # noqa: E402
 from phivision.processing.loading import load_image  # noqa: E402
 from phivision.processing.prompt import Processor  # noqa: E402
@@ -91,7 +91,10 @@ def real_shapes_vs_fp32(shared: Path, steps: int = 32) -> dict:
     inputs = processor(prompt, [image])
     ids = inputs["input_ids"][0].tolist()
     long = len(ids) > fast.config.text.original_max_position_embeddings
-    runner = ModelRunner(fast, RunnerConfig(num_blocks=64, block_size=64, max_num_seqs=1, max_model_len=4096))
+    # As the engine runs it on CUDA: the prompt's attention through cuDNN, padded to its length bucket.
+    runner = ModelRunner(fast, RunnerConfig(num_blocks=64, block_size=64, max_num_seqs=1, max_model_len=4096,
+                                            cudnn_prefill=True, max_prefill_tokens=4096))
+    assert runner._padded_length([PrefillChunk(ids, 0, [], None)]) is not None
     feats_fast, _, _ = encode_images(fast, [image], 16, None)
     table = list(range(1, math.ceil((len(ids) + steps + 1) / 64) + 1))
     fast_logits = [runner.prefill(ids, 0, table, feats_fast, long).float().clone()]

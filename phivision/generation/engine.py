@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..errors import PhiVisionError, PromptError
 from ..processing.image import hd_grid, num_image_tokens_for_size, staged_rgb
-from ..processing.loading import load_image
+from ..processing.loading import load_image, load_image_rgb
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
 from .generate import default_stop_token_ids
@@ -73,6 +73,10 @@ class EngineConfig:
     # Queue a decode step before the previous step's tokens are read, feeding them on the device
     # (see Engine._decode_ahead). None: on CUDA only, where the GPU runs ahead of the host.
     lookahead_decode: bool | None = None
+    # One long prompt from its start gets cuDNN's attention, padded to a length bucket whose plan is
+    # built at start (see runner.CUDNN_PREFILL_*; ~1.3 s of start-up for 16K). None: on CUDA in half
+    # precision, where cuDNN's SDPA is available.
+    cudnn_prefill: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,14 @@ class _Lookahead:
         return rows  # type: ignore[return-value]
 
 
+def _use_cudnn_prefill(model: torch.nn.Module, config: EngineConfig) -> bool:
+    if config.cudnn_prefill is not None:
+        return config.cudnn_prefill
+    param = next(model.parameters())
+    return (param.device.type == "cuda" and param.dtype in (torch.float16, torch.bfloat16)
+            and torch.backends.cudnn.is_available())
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, processor: Processor | None, config: EngineConfig = EngineConfig()):
         """`processor` may be None for an engine fed token ids only (add_request); the default stop
@@ -213,7 +225,10 @@ class Engine:
         num_blocks = math.ceil(_pool_tokens(model, config, max_model_len) / config.block_size) + 1  # + reserved block 0
         self.runner = ModelRunner(model, RunnerConfig(num_blocks=num_blocks, block_size=config.block_size,
                                                       max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
-                                                      use_cuda_graphs=config.use_cuda_graphs))
+                                                      use_cuda_graphs=config.use_cuda_graphs,
+                                                      cudnn_prefill=_use_cudnn_prefill(model, config),
+                                                      max_prefill_tokens=min(config.prefill_chunk_size,
+                                                                             config.max_num_batched_tokens)))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
@@ -312,7 +327,7 @@ class Engine:
         def load(job: tuple[int, int, Any]) -> tuple[Any, str, Any] | Exception:
             index, position, source = job
             try:
-                image = load_image(source, allow_urls=self.processor.allow_urls)
+                image, pixels = load_image_rgb(source, allow_urls=self.processor.allow_urls)
             except PhiVisionError as exc:
                 return exc
             keys = requests[index].image_keys
@@ -322,7 +337,7 @@ class Engine:
             if stage and key not in self.image_cache:
                 # A failure here is reported by the vision half, which then stages the image itself.
                 with contextlib.suppress(Exception):
-                    staged = staged_rgb(image, pin_memory=True)
+                    staged = staged_rgb(image, pin_memory=True, pixels=pixels)
             return image, key, staged
 
         # One lazily opened PIL image given to several requests must not be decoded by two threads

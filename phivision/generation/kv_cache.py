@@ -10,6 +10,7 @@ forward, after every layer has written.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class DenseKVCache:
@@ -128,7 +129,7 @@ class PagedBatch:
     def __init__(self, pool: PagedKVCache, *, kind: str, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  long_rope: torch.Tensor, context_lens: torch.Tensor | None = None, start: int = 0,
                  segments: list[tuple[int, int, int]] | None = None, cu_seqlens: torch.Tensor | None = None,
-                 num_splits: int = 1, scratch: tuple[torch.Tensor, ...] | None = None):
+                 pad_to: int | None = None, num_splits: int = 1, scratch: tuple[torch.Tensor, ...] | None = None):
         if kind not in ("decode", "prefill"):
             raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
         self.pool = pool
@@ -142,6 +143,9 @@ class PagedBatch:
         # prefill, when there are several segments and each starts its sequence: int32 (N + 1,)
         # segment offsets and T on the device, for one packed attention call instead of one per segment
         self.cu_seqlens = cu_seqlens
+        # prefill of one sequence from its start: its attention runs on this many rows, the ones past
+        # the prompt zero (a length bucket, so that cuDNN reuses the bucket's plan; see ModelRunner)
+        self.pad_to = pad_to
         self.num_splits = num_splits
         self.scratch = scratch
 
@@ -159,7 +163,28 @@ class PagedBatch:
             out = paged_decode_attention(flat, k_pool, v_pool, self.block_tables, self.context_lens, num_heads, head_dim,
                                          self.num_splits, self.scratch)  # (1, H*D)
             return out.view(1, 1, num_heads * head_dim)
+        if self.pad_to is not None:
+            return self._attend_padded(layer_idx, x, qkv_weight, cos, sin, num_heads, head_dim)
         return self.attend_qkv(layer_idx, linear(x, qkv_weight), cos, sin, num_heads, num_kv_heads, head_dim)
+
+    def _attend_padded(self, layer_idx: int, x: torch.Tensor, qkv_weight: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+        """One prompt from its start (no grouped heads), its attention on `pad_to` rows: the
+        projection is written into a (pad_to, width) buffer whose rows past the prompt are zero, so
+        the attention call has the bucket's shape. Causal masking keeps those rows, at the end, out
+        of every real row's attention; their own outputs are dropped."""
+        from ..kernels.paged_attention import rope_and_write_kv_
+
+        num_new = x.shape[1]
+        qkv = x.new_empty((self.pad_to, qkv_weight.shape[0]))  # (T_pad, 3 * H * D)
+        qkv[num_new:].zero_()  # (finite: a masked key still multiplies its value by 0)
+        torch.mm(x.reshape(num_new, -1), qkv_weight.t(), out=qkv[:num_new])
+        rope_and_write_kv_(qkv[:num_new], cos.reshape(num_new, -1), sin.reshape(num_new, -1), self.pool.keys[layer_idx],
+                           self.pool.values[layer_idx], self.slot_mapping, num_heads, num_heads, head_dim)
+        q, k, v = (part.view(1, self.pad_to, num_heads, head_dim).transpose(1, 2)
+                   for part in qkv.split(num_heads * head_dim, dim=-1))  # each (1, H, T_pad, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (1, H, T_pad, D)
+        return out[:, :, :num_new].transpose(1, 2).reshape(1, num_new, num_heads * head_dim)
 
     def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:

@@ -15,12 +15,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels.paged_attention import decode_scratch, decode_splits
 from ..model.language import fused_sdpa_only
 from .kv_cache import PagedBatch, PagedKVCache
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+# A prompt prefilled from its start in one chunk of at least CUDNN_PREFILL_MIN_TOKENS runs its
+# attention through cuDNN, padded to a multiple of CUDNN_PREFILL_BUCKET rows. cuDNN's kernels beat
+# flash's on Hopper (W3's 8K prompt: 125 against 138 ms), but cuDNN builds an execution plan (~40 ms)
+# for every new length; with the padding there is one plan per bucket, all built at start.
+CUDNN_PREFILL_MIN_TOKENS = 1024
+CUDNN_PREFILL_BUCKET = 512
 
 
 def _table_array(block_tables: Sequence[Sequence[int]], rows: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -69,6 +76,10 @@ class RunnerConfig:
     max_num_seqs: int = 64
     max_model_len: int = 8192
     use_cuda_graphs: bool = True
+    # cuDNN attention for long prompts from their start, in length buckets (CUDNN_PREFILL_*); the
+    # plans of every bucket up to max_prefill_tokens are built at start.
+    cudnn_prefill: bool = False
+    max_prefill_tokens: int = 16384
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -173,8 +184,13 @@ class ModelRunner:
                               torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)) for _ in range(3)]
         self._next_token_slot = 0
         self.graphs_captured = False
+        self.num_kv_heads = text.num_key_value_heads
+        # (padding applies on any device, so the CPU tests check it; only CUDA has cuDNN's plans)
+        self.cudnn_prefill = config.cudnn_prefill and self.num_kv_heads == self.num_heads
         if config.use_cuda_graphs and self.device.type == "cuda":
             self.capture_graphs()
+        if self.cudnn_prefill and self.device.type == "cuda":
+            self.build_prefill_plans()
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -184,6 +200,35 @@ class ModelRunner:
             self._graphs[batch].capture(self, mempool)
         torch.cuda.synchronize()
         self.graphs_captured = True
+
+    def prefill_buckets(self) -> list[int]:
+        """The padded lengths a prompt's attention may have on the cuDNN path."""
+        first = -(-CUDNN_PREFILL_MIN_TOKENS // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET
+        last = -(-self.config.max_prefill_tokens // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET
+        return list(range(first, last + 1, CUDNN_PREFILL_BUCKET))
+
+    @torch.inference_mode()
+    def build_prefill_plans(self) -> None:
+        """Runs the prefill attention of every bucket once, on zeros, so that cuDNN builds its plans
+        now and no prompt waits for one. cuDNN keeps plans per thread: this must run on the thread
+        that steps the engine (the engine's constructor does)."""
+        width = 3 * self.num_heads * self.head_dim
+        with self._prefill_attention(padded=True):
+            for length in self.prefill_buckets():
+                qkv = torch.zeros((length, width), dtype=self.dtype, device=self.device)
+                q, k, v = (part.view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
+                           for part in qkv.split(self.num_heads * self.head_dim, dim=-1))
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.cuda.synchronize(self.device)
+
+    def _padded_length(self, chunks: Sequence["PrefillChunk"]) -> int | None:
+        """The bucket a prefill's attention is padded to (the cuDNN path), or None."""
+        if not self.cudnn_prefill or len(chunks) != 1 or chunks[0].start != 0:
+            return None
+        length = len(chunks[0].token_ids)
+        if length < CUDNN_PREFILL_MIN_TOKENS or length > self.config.max_prefill_tokens:
+            return None
+        return -(-length // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET
 
     def slots(self, block_table: Sequence[int], start: int, end: int) -> np.ndarray:
         """Pool slots of positions [start, end) of a sequence with this block table (int64)."""
@@ -249,8 +294,9 @@ class ModelRunner:
             start=chunks[0].start,
             segments=segments,
             cu_seqlens=self._packed_offsets(segments),
+            pad_to=(pad_to := self._padded_length(chunks)),
         )
-        with self._prefill_attention(chunks):
+        with self._prefill_attention(padded=pad_to is not None):
             # ids go on the host copy: the model places image features from it without a readback.
             logits = self.model(ids[None],
                                 positions=positions[None].to(self.device, non_blocking=True),
@@ -267,14 +313,16 @@ class ModelRunner:
         offsets = np.array([offset for offset, _, _ in segments] + [sum(length for _, length, _ in segments)], dtype=np.int32)
         return torch.from_numpy(offsets).to(self.device, non_blocking=True)
 
-    def _prefill_attention(self, chunks: Sequence[PrefillChunk]):
-        """On CUDA, prefill attention uses the flash / memory-efficient SDPA kernels, never cuDNN's:
-        cuDNN builds an execution plan for every new (query, key) length, and real prompts come in
-        new lengths all the time. Measured on an H200 (2026-12-03, third session), one prompt from its
-        start, each of a length not seen before: 6K tokens 94-96 ms with flash, 135-139 with cuDNN;
-        8.1K tokens 135-138 with flash, 167-173 with cuDNN (125 only when a length repeats, as in a
-        benchmark that sends the same prompt again). W4, H100: prefill steps 1.7-2.6 s in all with
-        cuDNN, 1.1 s with flash."""
+    def _prefill_attention(self, padded: bool):
+        """Which SDPA kernels prefill attention may use on CUDA. Padded to a bucket (one prompt from
+        its start): cuDNN first, whose plan for the bucket exists. Otherwise flash / memory-efficient
+        only, never cuDNN, which would build a plan for every new (query, key) length: measured on an
+        H200 (2026-12-03, third session), prompts of lengths not seen before took 135-139 ms (6K
+        tokens) and 167-173 ms (8.1K) with cuDNN, 94-96 and 135-138 with flash; W4 on an H100 spent
+        1.7-2.6 s in prefill steps with cuDNN, 1.1 s with flash."""
+        if padded and self.device.type == "cuda":
+            return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+                               set_priority=True)
         return fused_sdpa_only(self.device)
 
     def _graph_for(self, batch: int) -> _DecodeGraph:

@@ -149,7 +149,7 @@ def test_pixels_staged_while_preparing_for_images_not_cached(model, processor, t
     from phivision.processing.image import staged_rgb
     from phivision.processing.loading import load_image
 
-    monkeypatch.setattr(engine_module, "staged_rgb", lambda image, pin_memory: staged_rgb(image, pin_memory=False))
+    monkeypatch.setattr(engine_module, "staged_rgb", lambda image, pin_memory, pixels=None: staged_rgb(image, pin_memory=False, pixels=pixels))
     engine = _engine(model, processor)
     assert engine.stage_when_preparing is False  # on the CPU the float pipeline works from PIL's resize
     engine.stage_when_preparing = True
@@ -409,3 +409,37 @@ def test_lookahead_with_sampling_unless_seeded(model, processor):
     engine = _engine(model, processor, lookahead_decode=True)
     assert run(engine, seeded) == run(_engine(model, processor, lookahead_decode=False), seeded)
     assert engine.num_lookahead_steps["queued"] == 0
+
+
+def test_prefill_attention_padded_to_buckets_gives_the_golden_tokens(model, processor, tiny_manifest, processor_golden,
+                                                                      monkeypatch):
+    """The cuDNN path's padding (one prompt from its start, attention on a whole bucket of rows, the
+    rows past the prompt zero): on the CPU the same padded tensors go through SDPA, so this checks
+    that the padding never reaches a real row. Small buckets make every golden prompt take it."""
+    from phivision.generation import kv_cache, runner as runner_module
+
+    monkeypatch.setattr(runner_module, "CUDNN_PREFILL_MIN_TOKENS", 1)
+    monkeypatch.setattr(runner_module, "CUDNN_PREFILL_BUCKET", 48)
+    padded = []
+    original = kv_cache.PagedBatch._attend_padded
+
+    def spy(self, layer_idx, x, *args):
+        if layer_idx == 0:
+            padded.append((x.shape[1], self.pad_to))
+        return original(self, layer_idx, x, *args)
+
+    monkeypatch.setattr(kv_cache.PagedBatch, "_attend_padded", spy)
+    engine = _engine(model, processor, max_num_seqs=1, cudnn_prefill=True, enable_prefix_caching=False)
+    assert engine.runner.prefill_buckets()[:2] == [48, 96]
+    for case in tiny_manifest["cases"]:
+        assert _run(engine, [case], processor_golden)[0] == case["expected"]["greedy_new_tokens"], case["id"]
+    assert len(padded) >= len(tiny_manifest["cases"])  # every prompt (and a LongRoPE re-prefill)
+    assert all(pad_to % 48 == 0 and 0 <= pad_to - length < 48 for length, pad_to in padded)
+    assert any(pad_to > length for length, pad_to in padded)  # some prompt had padding rows
+    # Chunks that do not start their sequence keep the plain path.
+    engine = _engine(model, processor, max_num_seqs=1, cudnn_prefill=True, prefill_chunk_size=64)
+    padded.clear()
+    case = max(tiny_manifest["cases"], key=lambda c: len(c["images"]))
+    assert _run(engine, [case], processor_golden)[0] == case["expected"]["greedy_new_tokens"]
+    assert len(padded) == 1  # only the chunk at position 0, of the several this prompt needs
+    assert engine.num_steps["prefill"] > 1
