@@ -38,33 +38,37 @@ _DATA_URI_PREFIX = "data:"
 _ARRAY_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> PIL mode
 
 
-def load_image(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               fast_png: bool = True) -> Image.Image:
     """Decode `source` into a fully loaded PIL image (mode kept as stored: RGB, L, RGBA, P, ...).
 
     max_pixels: refuse images with more pixels than this (checked before decoding); None = only
-    PIL's own limit.
+    PIL's own limit. fast_png: 8-bit RGB/RGBA PNGs through libspng when installed (see
+    load_image_rgb; the same pixels, faster for one image, but it holds the GIL).
     """
     if isinstance(source, Image.Image):
         return _check_loaded(source, "<PIL image>", max_pixels)
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
-    return load_image_rgb(source, allow_urls=allow_urls, max_pixels=max_pixels)[0]
+    return load_image_rgb(source, allow_urls=allow_urls, max_pixels=max_pixels, fast_png=fast_png)[0]
 
 
-def load_image_rgb(source: Any, *, allow_urls: bool = False,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, np.ndarray | None]:
+def load_image_rgb(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   fast_png: bool = True) -> tuple[Image.Image, np.ndarray | None]:
     """`load_image(source)` and, where they came without extra work, the image's RGB pixels as an
     (H, W, 3) uint8 array (possibly a strided view), else None.
 
-    The pixels come with an 8-bit truecolour PNG decoded by libspng (`png.py`): ~3.3 ms for W1's
-    1344x1344 PNG against ~11 ms through Pillow and reading its RGB out (2-core machine). Callers
-    that copy the pixels somewhere (the GPU engine stages them in pinned memory) take them from here.
+    The pixels come with an 8-bit truecolour PNG decoded by libspng (`png.py`; `fast_png=False`
+    leaves every file to Pillow): on an H200 host, 6.2 ms for W1's 1344x1344 PNG and 0.5 ms to stage
+    its pixels, against 10.1 and 2.0 through Pillow. libspng holds the GIL, so callers decoding
+    several images on several threads want Pillow, which decodes them side by side. Callers that
+    copy the pixels somewhere (the GPU engine stages them in pinned memory) take them from here.
     """
     if isinstance(source, (Image.Image, np.ndarray)):
         return load_image(source, allow_urls=allow_urls, max_pixels=max_pixels), None
     data, description = _read_source(source, allow_urls)
     image = _open(data, description, max_pixels)
-    pixels = png.decode_truecolour(data, image.size) if image.format == "PNG" else None
+    pixels = png.decode_truecolour(data, image.size) if fast_png and image.format == "PNG" else None
     if pixels is not None:
         image.close()
         # Pillow's own image of the same bytes, in the mode Pillow gives the file ("RGB" / "RGBA").

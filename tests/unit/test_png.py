@@ -140,3 +140,11 @@ def test_without_pyspng_pillow_decodes_everything(monkeypatch):
     image, pixels = load_image_rgb(data)
     assert pixels is None and not png.available()
     assert np.array_equal(np.asarray(image), pillow_rgb(data))
+
+
+@needs_spng
+def test_fast_png_off_leaves_the_file_to_pillow():
+    data = encode(picture(50, 40, 3))
+    image, pixels = load_image_rgb(data, fast_png=False)
+    assert pixels is None and np.array_equal(np.asarray(image), pillow_rgb(data))
+    assert np.array_equal(np.asarray(load_image(data, fast_png=False)), np.asarray(load_image(data)))
