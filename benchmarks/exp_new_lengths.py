@@ -6,7 +6,7 @@ the host's PNG decoding of W1/W2's images through Pillow and through libspng.
 Prefill: for each setting a fresh engine (its set-up time, which builds the cuDNN plans, is
 reported), then one text prompt of each length in LENGTHS, each length new to the process except
 the repeats at the end; the time from adding the request to its first token (GPU synchronised).
-Decoding: `load_image_rgb` of each workload's PNG bytes, the median of 15, with pyspng and with it
+Decoding: `load_image_or_pixels` of each workload's PNG bytes, the median of 15, with pyspng and with it
 hidden (Pillow), plus the pinned staging copy the GPU engine makes.
 """
 
@@ -29,7 +29,7 @@ from phivision.generation.engine import Engine, EngineConfig  # noqa: E402
 from phivision.generation.sampling import SamplingParams  # noqa: E402
 from phivision.processing import png  # noqa: E402
 from phivision.processing.image import staged_rgb  # noqa: E402
-from phivision.processing.loading import load_image_rgb  # noqa: E402
+from phivision.processing.loading import load_image_or_pixels  # noqa: E402
 from phivision.weights import load_model  # noqa: E402
 
 LENGTHS = (2531, 3377, 4100, 5222, 6077, 7001, 8190, 8211, 6077, 8190)  # the last two repeat
@@ -79,9 +79,9 @@ def decode_times(runs: int = 15) -> dict:
                 times, staged_times = [], []
                 for _ in range(runs):
                     t0 = time.perf_counter()
-                    image, pixels = load_image_rgb(data)
+                    image = load_image_or_pixels(data)
                     t1 = time.perf_counter()
-                    staged_rgb(image, pin_memory=True, pixels=pixels)
+                    staged_rgb(image, pin_memory=True)
                     staged_times.append((time.perf_counter() - t1) * 1e3)
                     times.append((t1 - t0) * 1e3)
             finally:

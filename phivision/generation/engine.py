@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from ..errors import PhiVisionError, PromptError
-from ..processing.image import hd_grid, num_image_tokens_for_size, staged_rgb
-from ..processing.loading import load_image, load_image_rgb
+from ..processing.image import hd_grid, image_size, num_image_tokens_for_size, staged_rgb
+from ..processing.loading import load_image, load_image_or_pixels
 from ..processing.prompt import Processor, tokenize_prompt
 from .block_manager import BlockManager
 from .generate import default_stop_token_ids
@@ -329,7 +329,8 @@ class Engine:
             try:
                 # libspng for a lone image; several decode side by side through Pillow, as libspng holds
                 # the GIL (W2's eight frames on an H200 host: 36 ms one after another, ~22 side by side).
-                image, pixels = load_image_rgb(source, allow_urls=self.processor.allow_urls, fast_png=len(jobs) == 1)
+                # (a PIL image, or libspng's RGB array, which the GPU path stages without making one)
+                image = load_image_or_pixels(source, allow_urls=self.processor.allow_urls, fast_png=len(jobs) == 1)
             except PhiVisionError as exc:
                 return exc
             keys = requests[index].image_keys
@@ -339,7 +340,7 @@ class Engine:
             if stage and key not in self.image_cache:
                 # A failure here is reported by the vision half, which then stages the image itself.
                 with contextlib.suppress(Exception):
-                    staged = staged_rgb(image, pin_memory=True, pixels=pixels)
+                    staged = staged_rgb(image, pin_memory=True)
             return image, key, staged
 
         # One lazily opened PIL image given to several requests must not be decoded by two threads
@@ -365,7 +366,7 @@ class Engine:
                     raise failed
                 images = [image for image, _, _ in per_request[index]]
                 crops = crops_of[index]
-                num_tokens = [num_image_tokens_for_size(image.width, image.height, crops) for image in images]
+                num_tokens = [num_image_tokens_for_size(*image_size(image), crops) for image in images]
                 ids = tokenize_prompt(self.tokenizer, request.prompt, num_tokens)
                 if len(ids) + request.params.max_new_tokens > self.max_model_len:
                     raise PromptError(
@@ -397,7 +398,7 @@ class Engine:
         for crops, group in by_crops.items():
             batch, batch_crops = [], 0
             for index, item in group:
-                n = sum(rows * cols + 1 for rows, cols in (hd_grid(im.width, im.height, crops) for im in item.images))
+                n = sum(rows * cols + 1 for rows, cols in (hd_grid(*image_size(im), crops) for im in item.images))
                 if batch and batch_crops + n > MAX_VISION_BATCH_CROPS:
                     batches.append((crops, batch))
                     batch, batch_crops = [], 0

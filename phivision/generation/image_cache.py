@@ -6,15 +6,22 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ..processing.image import CROP_SIZE, preprocess_images
 
 
-def image_key(image: Image.Image, num_crops: int) -> str:
-    """A content hash of the pixels (and mode and size) plus the crop count that shaped the features."""
+def image_key(image: Image.Image | np.ndarray, num_crops: int) -> str:
+    """A content hash of the pixels (and mode and size) plus the crop count that shaped the features.
+    An (H, W, 3) RGB array has the key of the RGB PIL image of the same pixels."""
     digest = hashlib.blake2b(digest_size=20)
+    if isinstance(image, np.ndarray):
+        height, width = image.shape[:2]
+        digest.update(f"RGB:{width}x{height}:{num_crops}:".encode())
+        digest.update(np.ascontiguousarray(image))
+        return digest.hexdigest()
     digest.update(f"{image.mode}:{image.width}x{image.height}:{num_crops}:".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
@@ -30,7 +37,7 @@ def encoded_image_key(data: bytes, num_crops: int) -> str:
     return digest.hexdigest()
 
 
-def source_key(source, image: Image.Image, num_crops: int) -> str:
+def source_key(source, image: Image.Image | np.ndarray, num_crops: int) -> str:
     """The cache key of an image loaded from `source`: its encoded file's hash where the source is
     the file's content (bytes, a data: URI), else its pixels' hash. A path is not content (the file
     may change), so paths, arrays and PIL images are keyed by their pixels. Hashing the file costs

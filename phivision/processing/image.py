@@ -155,10 +155,23 @@ def num_image_tokens_for_size(width: int, height: int, num_crops: int) -> int:
     return num_image_tokens(*hd_size(width, height, num_crops))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """The reference's convert("RGB"): alpha dropped without compositing, palettes mapped, grey replicated."""
+def image_size(image: Image.Image | np.ndarray) -> tuple[int, int]:
+    """(width, height) of a PIL image or of an (H, W, 3) RGB array (`load_image_or_pixels`)."""
+    if isinstance(image, np.ndarray):
+        return image.shape[1], image.shape[0]
+    return image.size
+
+
+def _to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """The reference's convert("RGB"): alpha dropped without compositing, palettes mapped, grey replicated.
+    An (H, W, 3) uint8 array is taken as RGB pixels already."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise TypeError(f"expected an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image))
     if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, got {type(image).__name__} (use phivision.processing.loading.load_image)")
+        raise TypeError(f"expected a PIL image or an (H, W, 3) uint8 RGB array, got {type(image).__name__} "
+                        "(use phivision.processing.loading.load_image)")
     if image.mode != "RGB":
         return image.convert("RGB")
     image.load()  # decode now: a lazily opened file must not be decoded by several resize threads at once
@@ -379,13 +392,11 @@ def preprocess_images(images: Sequence[Image.Image], num_crops: int, device: tor
     return ImageBatch(pixel_values=out, image_sizes=image_sizes, num_image_tokens=[num_image_tokens(*s) for s in sizes])
 
 
-def staged_rgb(image: Image.Image, pin_memory: bool, pixels: np.ndarray | None = None) -> torch.Tensor:
+def staged_rgb(image: Image.Image | np.ndarray, pin_memory: bool) -> torch.Tensor:
     """The image's RGB pixels as an (H, W, 3) uint8 tensor, in pinned memory when asked: the host
     copy the GPU path needs, made wherever the image was decoded (side by side for many images).
-    `pixels`: those RGB pixels as an array when the decoder gave them (`load_image_rgb`), which
-    saves reading them out of PIL."""
-    if pixels is None:
-        pixels = np.asarray(_to_rgb(image))
+    An RGB array (`load_image_or_pixels`) is copied as it is, without going through PIL."""
+    pixels = image if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 else np.asarray(_to_rgb(image))
     staged = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=pin_memory)  # (H, W, 3)
     staged.numpy()[...] = pixels
     return staged
@@ -397,7 +408,7 @@ def hd_canvases_on(images: Sequence[Image.Image], num_crops: int, device: torch.
     the same bytes. Images of the same size share one set of resize kernels. `staged` may bring
     `staged_rgb` of some images, made elsewhere (None entries are made here)."""
     staged = list(staged) if staged is not None else [None] * len(images)
-    sizes = [image.size for image in images]
+    sizes = [image_size(image) for image in images]
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, size in enumerate(sizes):
         by_size.setdefault(size, []).append(index)

@@ -43,36 +43,43 @@ def load_image(source: Any, *, allow_urls: bool = False, max_pixels: int | None 
     """Decode `source` into a fully loaded PIL image (mode kept as stored: RGB, L, RGBA, P, ...).
 
     max_pixels: refuse images with more pixels than this (checked before decoding); None = only
-    PIL's own limit. fast_png: 8-bit RGB/RGBA PNGs through libspng when installed (see
-    load_image_rgb; the same pixels, faster for one image, but it holds the GIL).
+    PIL's own limit. fast_png: 8-bit RGB/RGBA PNGs through libspng when installed (`png.py`: the
+    same pixels, faster for one image, but it holds the GIL).
     """
     if isinstance(source, Image.Image):
         return _check_loaded(source, "<PIL image>", max_pixels)
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
-    return load_image_rgb(source, allow_urls=allow_urls, max_pixels=max_pixels, fast_png=fast_png)[0]
+    decoded = _load_encoded(source, allow_urls, max_pixels, fast_png)
+    # libspng's array as the PIL image Pillow would have made ("RGB" / "RGBA").
+    return Image.fromarray(decoded) if isinstance(decoded, np.ndarray) else decoded
 
 
-def load_image_rgb(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                   fast_png: bool = True) -> tuple[Image.Image, np.ndarray | None]:
-    """`load_image(source)` and, where they came without extra work, the image's RGB pixels as an
-    (H, W, 3) uint8 array (possibly a strided view), else None.
+def load_image_or_pixels(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                         fast_png: bool = True) -> Image.Image | np.ndarray:
+    """`load_image(source)`, except that an image libspng decoded comes as its RGB pixels, an
+    (H, W, 3) uint8 array (possibly a strided view), with no PIL image made: what the GPU engine
+    wants, which copies the pixels to pinned memory (`image.staged_rgb`), and which the
+    preprocessing functions take as well as PIL images.
 
-    The pixels come with an 8-bit truecolour PNG decoded by libspng (`png.py`; `fast_png=False`
-    leaves every file to Pillow): on an H200 host, 6.2 ms for W1's 1344x1344 PNG and 0.5 ms to stage
-    its pixels, against 10.1 and 2.0 through Pillow. libspng holds the GIL, so callers decoding
-    several images on several threads want Pillow, which decodes them side by side. Callers that
-    copy the pixels somewhere (the GPU engine stages them in pinned memory) take them from here.
+    On an H200 host, W1's 1344x1344 PNG takes 10.1 ms through Pillow plus 2.0 ms to stage its
+    pixels; through libspng 6.2 ms with the PIL image made, plus 0.5 ms to stage
+    (benchmarks/exp_new_lengths.py). Making the PIL image costs ~2 ms of that on a 2-core machine.
     """
     if isinstance(source, (Image.Image, np.ndarray)):
-        return load_image(source, allow_urls=allow_urls, max_pixels=max_pixels), None
+        return load_image(source, allow_urls=allow_urls, max_pixels=max_pixels)
+    decoded = _load_encoded(source, allow_urls, max_pixels, fast_png)
+    return decoded[:, :, :3] if isinstance(decoded, np.ndarray) else decoded  # alpha dropped, as convert("RGB")
+
+
+def _load_encoded(source: Any, allow_urls: bool, max_pixels: int | None, fast_png: bool) -> Image.Image | np.ndarray:
+    """An encoded source decoded whole: libspng's (H, W, 3 or 4) array, or a loaded PIL image."""
     data, description = _read_source(source, allow_urls)
     image = _open(data, description, max_pixels)
     pixels = png.decode_truecolour(data, image.size) if fast_png and image.format == "PNG" else None
     if pixels is not None:
         image.close()
-        # Pillow's own image of the same bytes, in the mode Pillow gives the file ("RGB" / "RGBA").
-        return Image.fromarray(pixels), pixels[:, :, :3]
+        return pixels
     try:
         with image:
             image.load()  # full decode: truncation and corrupt data surface here
@@ -80,7 +87,7 @@ def load_image_rgb(source: Any, *, allow_urls: bool = False, max_pixels: int | N
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
         raise ImageLoadError(description, _decode_reason(exc)) from exc
-    return image, None
+    return image
 
 
 def read_image_size(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

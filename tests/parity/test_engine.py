@@ -149,7 +149,7 @@ def test_pixels_staged_while_preparing_for_images_not_cached(model, processor, t
     from phivision.processing.image import staged_rgb
     from phivision.processing.loading import load_image
 
-    monkeypatch.setattr(engine_module, "staged_rgb", lambda image, pin_memory, pixels=None: staged_rgb(image, pin_memory=False, pixels=pixels))
+    monkeypatch.setattr(engine_module, "staged_rgb", lambda image, pin_memory: staged_rgb(image, pin_memory=False))
     engine = _engine(model, processor)
     assert engine.stage_when_preparing is False  # on the CPU the float pipeline works from PIL's resize
     engine.stage_when_preparing = True
@@ -171,6 +171,19 @@ def test_pixels_staged_while_preparing_for_images_not_cached(model, processor, t
         assert tokens[rid] == case["expected"]["greedy_new_tokens"], case["id"]
     again = engine.prepare_prompts(requests[:1])[0]  # its images are in the feature cache now
     assert again.staged == [None] * len(cases[0]["images"])
+    # A lone image decodes through libspng (when installed) into an RGB array, staged as it is and
+    # carried instead of a PIL image: the same pixels, the same tokens.
+    from phivision.processing import png
+
+    case = next(c for c in cases if len(c["images"]) == 1)
+    path = processor_golden / case["images"][0]
+    alone = PromptRequest(case["prompt"], [path.read_bytes()], GREEDY_24, case["num_crops"])
+    (item,) = engine.prepare_prompts([alone])
+    truecolour = png.decode_truecolour(path.read_bytes(), load_image(path).size) is not None
+    assert isinstance(item.images[0], np.ndarray) == truecolour
+    assert np.array_equal(item.staged[0].numpy(), np.asarray(load_image(path).convert("RGB")))
+    (rid,) = engine.add_prepared([item], use_image_cache=False)
+    assert _drain(engine, [rid])[0] == case["expected"]["greedy_new_tokens"]
 
 
 def test_prepared_on_another_thread_while_stepping(model, processor, tiny_manifest, processor_golden):

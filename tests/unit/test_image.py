@@ -250,7 +250,13 @@ def test_preprocess_images_batches_the_single_results():
 
 def test_rejects_non_pil_input():
     with pytest.raises(TypeError, match="PIL image"):
-        preprocess_image(np.zeros((10, 10, 3), dtype=np.uint8), 4)
+        preprocess_image([[0, 0, 0]], 4)
+    # RGB uint8 arrays (what load_image_or_pixels gives) are taken; other arrays are not.
+    for array in (np.zeros((10, 10), dtype=np.uint8), np.zeros((10, 10, 4), dtype=np.uint8), np.zeros((10, 10, 3))):
+        with pytest.raises(TypeError, match=r"\(H, W, 3\) uint8 RGB array"):
+            preprocess_image(array, 4)
+    rgb = np.random.default_rng(0).integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+    assert torch.equal(preprocess_image(rgb, 4).pixel_values, preprocess_image(Image.fromarray(rgb), 4).pixel_values)
 
 
 def test_device_path_equals_cpu_path():

@@ -8,12 +8,15 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from phivision.errors import ImageLoadError
 from phivision.processing import png
-from phivision.processing.image import staged_rgb
-from phivision.processing.loading import load_image, load_image_rgb
+from phivision.generation.image_cache import image_key
+from phivision.processing.image import preprocess_image, staged_rgb
+from phivision.processing.image import image_size
+from phivision.processing.loading import load_image, load_image_or_pixels
 
 needs_spng = pytest.mark.skipif(not png.available(), reason="pyspng is not installed (pip install 'phivision[fast]')")
 
@@ -53,13 +56,28 @@ def test_truecolour_pngs_give_pillows_pixels(size, channels):
     array = picture(*size, channels, seed=size[0])
     for options in ({}, {"optimize": True}, {"compress_level": 0}):
         data = encode(array, **options)
-        image, pixels = load_image_rgb(data)
-        assert pixels is not None and pixels.shape == (size[1], size[0], 3)
+        pixels = load_image_or_pixels(data)
+        assert isinstance(pixels, np.ndarray) and pixels.shape == (size[1], size[0], 3)
         assert np.array_equal(pixels, pillow_rgb(data))
-        # The PIL image is what Pillow would have given: its mode and its pixels.
+        assert image_size(pixels) == size
+        # load_image gives what Pillow would have given: its mode and its pixels.
+        image = load_image(data)
         assert image.mode == ("RGB" if channels == 3 else "RGBA")
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data))))
-        assert np.array_equal(staged_rgb(image, pin_memory=False, pixels=pixels).numpy(), pillow_rgb(data))
+        assert np.array_equal(staged_rgb(pixels, pin_memory=False).numpy(), pillow_rgb(data))
+        # The same feature-cache key as the RGB PIL image of those pixels.
+        assert image_key(pixels, 4) == image_key(Image.open(io.BytesIO(data)).convert("RGB"), 4)
+
+
+@needs_spng
+def test_pixel_arrays_preprocess_like_pil_images():
+    data = encode(picture(500, 300, 4))
+    pixels = load_image_or_pixels(data)
+    assert isinstance(pixels, np.ndarray)
+    for num_crops in (4, 16):
+        ours, pil = preprocess_image(pixels, num_crops), preprocess_image(load_image(data), num_crops)
+        assert ours.image_size == pil.image_size and ours.grid == pil.grid
+        assert torch.equal(ours.pixel_values, pil.pixel_values)
 
 
 @needs_spng
@@ -69,10 +87,10 @@ def test_ancillary_chunks_change_nothing():
                        (b"sBIT", bytes([5, 6, 5])),
                        (b"tRNS", struct.pack(">HHH", 1, 2, 3))]:
         marked = with_chunk(data, kind, body)
-        image, pixels = load_image_rgb(marked)
-        assert pixels is not None, kind
+        pixels = load_image_or_pixels(marked)
+        assert isinstance(pixels, np.ndarray), kind
         assert np.array_equal(pixels, pillow_rgb(marked)), kind
-        assert np.array_equal(np.asarray(image.convert("RGB")), pillow_rgb(marked)), kind
+        assert np.array_equal(np.asarray(load_image(marked).convert("RGB")), pillow_rgb(marked)), kind
 
 
 @pytest.mark.parametrize("array, mode", [
@@ -83,8 +101,8 @@ def test_ancillary_chunks_change_nothing():
 def test_other_pngs_are_left_to_pillow(array, mode):
     data = encode(array, mode)
     assert data[25] in (0, 4)  # the colour type: grey, grey + alpha
-    image, pixels = load_image_rgb(data)
-    assert pixels is None
+    image = load_image_or_pixels(data)
+    assert isinstance(image, Image.Image)
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data))))
 
 
@@ -92,15 +110,15 @@ def test_palette_and_animated_pngs_are_left_to_pillow():
     palette = Image.fromarray(picture(30, 20, 3)).quantize(16)
     buffer = io.BytesIO()
     palette.save(buffer, "PNG")
-    image, pixels = load_image_rgb(buffer.getvalue())
-    assert pixels is None and image.mode == "P"
+    image = load_image_or_pixels(buffer.getvalue())
+    assert isinstance(image, Image.Image) and image.mode == "P"
     frames = [Image.fromarray(picture(30, 20, 3, seed)) for seed in range(3)]
     buffer = io.BytesIO()
     frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
     assert b"acTL" in buffer.getvalue()
     assert png.decode_truecolour(buffer.getvalue(), (30, 20)) is None
-    image, pixels = load_image_rgb(buffer.getvalue())
-    assert pixels is None and np.array_equal(np.asarray(image.convert("RGB")), np.asarray(frames[0]))
+    image = load_image_or_pixels(buffer.getvalue())
+    assert isinstance(image, Image.Image) and np.array_equal(np.asarray(image.convert("RGB")), np.asarray(frames[0]))
 
 
 def test_corrupt_and_truncated_pngs_get_pillows_errors():
@@ -110,7 +128,7 @@ def test_corrupt_and_truncated_pngs_get_pillows_errors():
     broken = bytearray(data)
     broken[200:260] = b"\x00" * 60  # inside the compressed pixel stream
     with pytest.raises(ImageLoadError, match="corrupt|truncated"):
-        load_image_rgb(bytes(broken))
+        load_image_or_pixels(bytes(broken))
     assert png.decode_truecolour(bytes(broken), (300, 200)) is None
     # Damage libspng itself would decode without a word (it checks neither CRCs nor zlib's checksum):
     # the CRC check sends it to Pillow, which refuses it as before.
@@ -137,14 +155,14 @@ def test_not_a_png_or_a_wrong_size_gives_no_pixels():
 def test_without_pyspng_pillow_decodes_everything(monkeypatch):
     monkeypatch.setattr(png, "pyspng", None)
     data = encode(picture(50, 40, 3))
-    image, pixels = load_image_rgb(data)
-    assert pixels is None and not png.available()
+    image = load_image_or_pixels(data)
+    assert isinstance(image, Image.Image) and not png.available()
     assert np.array_equal(np.asarray(image), pillow_rgb(data))
 
 
 @needs_spng
 def test_fast_png_off_leaves_the_file_to_pillow():
     data = encode(picture(50, 40, 3))
-    image, pixels = load_image_rgb(data, fast_png=False)
-    assert pixels is None and np.array_equal(np.asarray(image), pillow_rgb(data))
+    image = load_image_or_pixels(data, fast_png=False)
+    assert isinstance(image, Image.Image) and np.array_equal(np.asarray(image), pillow_rgb(data))
     assert np.array_equal(np.asarray(load_image(data, fast_png=False)), np.asarray(load_image(data)))
