@@ -74,8 +74,8 @@ class EngineConfig:
     # (see Engine._decode_ahead). None: on CUDA only, where the GPU runs ahead of the host.
     lookahead_decode: bool | None = None
     # One long prompt from its start gets cuDNN's attention, padded to a length bucket whose plan is
-    # built at start (see runner.CUDNN_PREFILL_*; ~1.3 s of start-up for 16K). None: on CUDA in half
-    # precision, where cuDNN's SDPA is available.
+    # built at start (see runner.CUDNN_PREFILL_*; the 31 buckets up to 16K added ~0.6 s to the first
+    # engine's start on an H200, once per thread). None: on CUDA in half precision, with cuDNN.
     cudnn_prefill: bool | None = None
 
 
@@ -327,9 +327,9 @@ class Engine:
         def load(job: tuple[int, int, Any]) -> tuple[Any, str, Any] | Exception:
             index, position, source = job
             try:
-                # libspng for a lone image; several decode side by side through Pillow, as libspng holds
-                # the GIL (W2's eight frames on an H200 host: 36 ms one after another, ~22 side by side).
-                # (a PIL image, or libspng's RGB array, which the GPU path stages without making one)
+                # A PIL image, or libspng's RGB array (staged as it is). libspng only for a lone image:
+                # it holds the GIL, and W2's eight frames took 36 ms through it on an H200's host,
+                # one after another, against ~22 through Pillow side by side.
                 image = load_image_or_pixels(source, allow_urls=self.processor.allow_urls, fast_png=len(jobs) == 1)
             except PhiVisionError as exc:
                 return exc

@@ -62,9 +62,9 @@ def load_image_or_pixels(source: Any, *, allow_urls: bool = False, max_pixels: i
     wants, which copies the pixels to pinned memory (`image.staged_rgb`), and which the
     preprocessing functions take as well as PIL images.
 
-    On an H200 host, W1's 1344x1344 PNG takes 10.1 ms through Pillow plus 2.0 ms to stage its
-    pixels; through libspng 6.2 ms with the PIL image made, plus 0.5 ms to stage
-    (benchmarks/exp_new_lengths.py). Making the PIL image costs ~2 ms of that on a 2-core machine.
+    On an H200's host, W1's 1344x1344 PNG took 18.0 ms through Pillow plus 3.2 ms to stage its
+    pixels, and 6.4 plus 0.7 ms this way (benchmarks/exp_new_lengths.py). Making a PIL image of
+    libspng's array costs ~2 ms more on a 2-core machine (too little to see on the H200's host).
     """
     if isinstance(source, (Image.Image, np.ndarray)):
         return load_image(source, allow_urls=allow_urls, max_pixels=max_pixels)

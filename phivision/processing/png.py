@@ -1,15 +1,15 @@
 """The commonest PNGs (8-bit RGB or RGBA) decoded by libspng, when the optional `pyspng` is installed.
 
 Why: a PNG's decoding is on the critical path of the time to first token, before the vision tower
-can start. For W1's 1344x1344 PNG on an H200's host, Pillow decodes in 10.1 ms and staging its RGB
-pixels takes 2.0 ms more (Pillow keeps RGB as four bytes a pixel); through libspng, 6.2 ms (the
-PIL image made from its array included) and 0.5 ms (benchmarks/exp_new_lengths.py).
+can start. For W1's 1344x1344 PNG on two H200 hosts, Pillow decoded in 10.1 and 18.0 ms, and
+staging its RGB pixels took 2.0 and 3.2 ms more (Pillow keeps RGB as four bytes a pixel); through
+libspng, 6.2-6.4 ms and 0.5-0.7 ms (benchmarks/exp_new_lengths.py).
 
 Only files whose pixels equal Pillow's byte for byte come here: 8-bit truecolour with or without
-alpha, not animated, every chunk's CRC intact. Both decoders ignore the gamma, colour-profile and significant-bits chunks,
-and a truecolour tRNS key only matters to an alpha channel, which the model never sees. Anything
-else (palette, grey, 16-bit, animated, corrupt, or pyspng missing) returns None and Pillow
-decodes it, with its own error messages.
+alpha, not animated, every chunk's CRC intact. Both decoders ignore the gamma, colour-profile and
+significant-bits chunks, and a truecolour tRNS key only matters to an alpha channel, which the
+model never sees. Anything else (palette, grey, 16-bit, animated, damaged, or pyspng missing)
+returns None and Pillow decodes it, with its own error messages.
 
 pyspng holds the GIL while it decodes, so several images on several threads decode one after
 another, where Pillow's decoder releases it and decodes them side by side: W2's eight frames took
