@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels.paged_attention import decode_scratch, decode_splits
 from ..model.language import fused_sdpa_only
+from ..model.transfer import to_device
 from .kv_cache import PagedBatch, PagedKVCache
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -289,9 +290,9 @@ class ModelRunner:
         cache = PagedBatch(
             self.pool,
             kind="prefill",
-            slot_mapping=slots.to(self.device, non_blocking=True),
-            block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
-            long_rope=torch.tensor([long_rope]).to(self.device, non_blocking=True),
+            slot_mapping=to_device(slots, self.device),
+            block_tables=to_device(torch.from_numpy(tables), self.device),
+            long_rope=to_device(torch.tensor([long_rope]), self.device),
             start=chunks[0].start,
             segments=segments,
             cu_seqlens=self._packed_offsets(segments),
@@ -300,7 +301,7 @@ class ModelRunner:
         with self._prefill_attention(padded=pad_to is not None):
             # ids go on the host copy: the model places image features from it without a readback.
             logits = self.model(ids[None],
-                                positions=positions[None].to(self.device, non_blocking=True),
+                                positions=to_device(positions[None], self.device),
                                 cache=cache, image_features=features if has_images else None,
                                 logits_positions=[offset + length - 1 for offset, length, _ in segments],
                                 has_images=has_images)
@@ -312,7 +313,7 @@ class ModelRunner:
         if len(segments) < 2 or any(start for _, _, start in segments):
             return None
         offsets = np.array([offset for offset, _, _ in segments] + [sum(length for _, length, _ in segments)], dtype=np.int32)
-        return torch.from_numpy(offsets).to(self.device, non_blocking=True)
+        return to_device(torch.from_numpy(offsets), self.device)
 
     def _prefill_attention(self, padded: bool):
         """Which SDPA kernels prefill attention may use on CUDA. Padded to a bucket (one prompt from

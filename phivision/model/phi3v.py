@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..errors import PromptError
 from .language import KVCache, Phi3Decoder
 from .projector import ImageProjector
+from .transfer import to_device
 from .vision import ClipVisionTower
 
 
@@ -100,7 +101,7 @@ class Phi3VForCausalLM(nn.Module):
                                                 [f.shape[0] for f in image_features])
         features = torch.cat(list(image_features)).to(device=embeds.device, dtype=embeds.dtype)  # (sum tokens, hidden)
         device = embeds.device
-        rows, cols, sources = (t.to(device, non_blocking=True) for t in (rows, cols, sources))
+        rows, cols, sources = (to_device(t, device) for t in (rows, cols, sources))
         return embeds.index_put((rows, cols), features[sources])
 
     # ------------------------------------------------------------------ forward
@@ -134,7 +135,7 @@ class Phi3VForCausalLM(nn.Module):
         batch, num_new = input_ids.shape
         device = self.lm_head.weight.device
         host_ids = input_ids if input_ids.device.type == "cpu" else None  # image placement reads ids on the host
-        input_ids = input_ids.to(device, non_blocking=True)
+        input_ids = to_device(input_ids, device) if input_ids.device.type == "cpu" else input_ids.to(device)
         past_len = 0
         paged = getattr(cache, "paged", False)
         if paged and positions is None:
@@ -168,7 +169,7 @@ class Phi3VForCausalLM(nn.Module):
         if cache is not None and not paged:
             cache.advance(num_new)
         if logits_positions is not None:
-            hidden = hidden[:, torch.tensor(logits_positions).to(hidden.device, non_blocking=True)]
+            hidden = hidden[:, to_device(torch.tensor(logits_positions), hidden.device)]
         elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return linear(hidden, self.lm_head.weight).float()
