@@ -135,7 +135,7 @@ class Phi3VForCausalLM(nn.Module):
         batch, num_new = input_ids.shape
         device = self.lm_head.weight.device
         host_ids = input_ids if input_ids.device.type == "cpu" else None  # image placement reads ids on the host
-        input_ids = to_device(input_ids, device) if input_ids.device.type == "cpu" else input_ids.to(device)
+        input_ids = to_device(input_ids, device)
         past_len = 0
         paged = getattr(cache, "paged", False)
         if paged and positions is None:
