@@ -181,9 +181,7 @@ class PagedBatch:
         torch.mm(x.reshape(num_new, -1), qkv_weight.t(), out=qkv[:num_new])
         rope_and_write_kv_(qkv[:num_new], cos.reshape(num_new, -1), sin.reshape(num_new, -1), self.pool.keys[layer_idx],
                            self.pool.values[layer_idx], self.slot_mapping, num_heads, num_heads, head_dim)
-        q, k, v = (part.view(1, self.pad_to, num_heads, head_dim).transpose(1, 2)
-                   for part in qkv.split(num_heads * head_dim, dim=-1))  # each (1, H, T_pad, D)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (1, H, T_pad, D)
+        out = padded_causal_attention(qkv, num_heads, head_dim)  # (1, H, T_pad, D)
         return out[:, :, :num_new].transpose(1, 2).reshape(1, num_new, num_heads * head_dim)
 
     def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -219,3 +217,12 @@ class PagedBatch:
         ]  # each (1, H, t_i, D)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (1, H, T, D)
         return out.transpose(1, 2).reshape(1, num_new, q_size)
+
+
+def padded_causal_attention(qkv: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Causal self-attention over a whole (T_pad, 3 * H * D) q/k/v buffer -> (1, H, T_pad, D). The
+    views, and so the strides cuDNN keys its plans on, are the same for a padded prefill and for
+    the runner's building of each bucket's plan at start."""
+    q, k, v = (part.view(1, qkv.shape[0], num_heads, head_dim).transpose(1, 2)
+               for part in qkv.split(num_heads * head_dim, dim=-1))  # each (1, H, T_pad, D)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)

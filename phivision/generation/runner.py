@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kernels.paged_attention import decode_scratch, decode_splits
 from ..model.language import fused_sdpa_only
 from ..model.transfer import to_device
-from .kv_cache import PagedBatch, PagedKVCache
+from .kv_cache import PagedBatch, PagedKVCache, padded_causal_attention
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # A prompt prefilled from its start in one chunk of at least CUDNN_PREFILL_MIN_TOKENS runs its
@@ -30,6 +30,11 @@ DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # the padding there is one plan per bucket, all built at start.
 CUDNN_PREFILL_MIN_TOKENS = 1024
 CUDNN_PREFILL_BUCKET = 512
+
+
+def _bucket(length: int) -> int:
+    """`length` rounded up to a multiple of CUDNN_PREFILL_BUCKET."""
+    return -(-length // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET
 
 
 def _table_array(block_tables: Sequence[Sequence[int]], rows: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -205,8 +210,7 @@ class ModelRunner:
 
     def prefill_buckets(self) -> list[int]:
         """The padded lengths a prompt's attention may have on the cuDNN path."""
-        first = -(-CUDNN_PREFILL_MIN_TOKENS // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET
-        last = -(-self.config.max_prefill_tokens // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET
+        first, last = _bucket(CUDNN_PREFILL_MIN_TOKENS), _bucket(self.config.max_prefill_tokens)
         return list(range(first, last + 1, CUDNN_PREFILL_BUCKET))
 
     @torch.inference_mode()
@@ -217,10 +221,8 @@ class ModelRunner:
         width = 3 * self.num_heads * self.head_dim
         with self._prefill_attention(padded=True):
             for length in self.prefill_buckets():
-                qkv = torch.zeros((length, width), dtype=self.dtype, device=self.device)
-                q, k, v = (part.view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
-                           for part in qkv.split(self.num_heads * self.head_dim, dim=-1))
-                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                padded_causal_attention(torch.zeros((length, width), dtype=self.dtype, device=self.device),
+                                        self.num_heads, self.head_dim)
         torch.cuda.synchronize(self.device)
 
     def _padded_length(self, chunks: Sequence["PrefillChunk"]) -> int | None:
@@ -230,7 +232,7 @@ class ModelRunner:
         length = len(chunks[0].token_ids)
         if length < CUDNN_PREFILL_MIN_TOKENS or length > self.config.max_prefill_tokens:
             return None
-        return -(-length // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET
+        return _bucket(length)
 
     def slots(self, block_table: Sequence[int], start: int, end: int) -> np.ndarray:
         """Pool slots of positions [start, end) of a sequence with this block table (int64)."""
