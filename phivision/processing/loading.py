@@ -39,24 +39,25 @@ _ARRAY_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> PIL mode
 
 
 def load_image(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               fast_png: bool = True) -> Image.Image:
+               fast_png: bool = True, side_by_side: bool = False) -> Image.Image:
     """Decode `source` into a fully loaded PIL image (mode kept as stored: RGB, L, RGBA, P, ...).
 
     max_pixels: refuse images with more pixels than this (checked before decoding); None = only
-    PIL's own limit. fast_png: 8-bit RGB/RGBA PNGs through libspng when installed (`png.py`: the
-    same pixels, faster for one image, but it holds the GIL).
+    PIL's own limit. fast_png: 8-bit RGB/RGBA PNGs through libspng when a binding is installed
+    (`png.py`: the same pixels, faster). side_by_side: the caller decodes several images on threads
+    at once, so only a binding that releases the GIL is used (imagecodecs; else Pillow, which does).
     """
     if isinstance(source, Image.Image):
         return _check_loaded(source, "<PIL image>", max_pixels)
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
-    decoded = _load_encoded(source, allow_urls, max_pixels, fast_png)
+    decoded = _load_encoded(source, allow_urls, max_pixels, fast_png, side_by_side)
     # libspng's array as the PIL image Pillow would have made ("RGB" / "RGBA").
     return Image.fromarray(decoded) if isinstance(decoded, np.ndarray) else decoded
 
 
 def load_image_or_pixels(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                         fast_png: bool = True) -> Image.Image | np.ndarray:
+                         fast_png: bool = True, side_by_side: bool = False) -> Image.Image | np.ndarray:
     """`load_image(source)`, except that an image libspng decoded comes as its RGB pixels, an
     (H, W, 3) uint8 array (possibly a strided view), with no PIL image made: what the GPU engine
     wants, which copies the pixels to pinned memory (`image.staged_rgb`), and which the
@@ -68,15 +69,17 @@ def load_image_or_pixels(source: Any, *, allow_urls: bool = False, max_pixels: i
     """
     if isinstance(source, (Image.Image, np.ndarray)):
         return load_image(source, allow_urls=allow_urls, max_pixels=max_pixels)
-    decoded = _load_encoded(source, allow_urls, max_pixels, fast_png)
+    decoded = _load_encoded(source, allow_urls, max_pixels, fast_png, side_by_side)
     return decoded[:, :, :3] if isinstance(decoded, np.ndarray) else decoded  # alpha dropped, as convert("RGB")
 
 
-def _load_encoded(source: Any, allow_urls: bool, max_pixels: int | None, fast_png: bool) -> Image.Image | np.ndarray:
+def _load_encoded(source: Any, allow_urls: bool, max_pixels: int | None, fast_png: bool,
+                  side_by_side: bool) -> Image.Image | np.ndarray:
     """An encoded source decoded whole: libspng's (H, W, 3 or 4) array, or a loaded PIL image."""
     data, description = _read_source(source, allow_urls)
     image = _open(data, description, max_pixels)
-    pixels = png.decode_truecolour(data, image.size) if fast_png and image.format == "PNG" else None
+    use_spng = fast_png and image.format == "PNG"
+    pixels = png.decode_truecolour(data, image.size, side_by_side=side_by_side) if use_spng else None
     if pixels is not None:
         image.close()
         return pixels

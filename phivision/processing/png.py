@@ -1,26 +1,31 @@
-"""The commonest PNGs (8-bit RGB or RGBA) decoded by libspng, when the optional `pyspng` is installed.
+"""The commonest PNGs (8-bit RGB or RGBA) decoded by libspng, when an optional binding of it is
+installed: `pyspng` for a lone image, `imagecodecs` for several decoded side by side.
 
 Why: a PNG's decoding is on the critical path of the time to first token, before the vision tower
 can start. For W1's 1344x1344 PNG on two H200 hosts, Pillow decoded in 10.1 and 18.0 ms, and
 staging its RGB pixels took 2.0 and 3.2 ms more (Pillow keeps RGB as four bytes a pixel); through
 libspng, 6.2-6.4 ms and 0.5-0.7 ms (benchmarks/exp_new_lengths.py).
 
+Two bindings, because they differ where it matters:
+- pyspng is the faster for one image (W1's PNG and its staging: 5.2 ms against imagecodecs' 7.0 on
+  an H200's 16-core host), but it holds the GIL while it decodes, so images on several threads
+  decode one after another: W2's eight frames took 32.0 ms through it, 17.3 through Pillow.
+- imagecodecs releases the GIL: W2's frames took 6.4 ms, and a W4 burst of 64 672x672 images 14.7 ms
+  against Pillow's 58.1 (benchmarks/exp_png_threads.py).
+So a caller decoding several images at once asks for a decoder that runs `side_by_side`.
+
 Only files whose pixels equal Pillow's byte for byte come here: 8-bit truecolour with or without
 alpha, not animated, every chunk's CRC intact. Both decoders ignore the gamma, colour-profile and
 significant-bits chunks, and a truecolour tRNS key only matters to an alpha channel, which the
-model never sees. Anything else (palette, grey, 16-bit, animated, damaged, or pyspng missing)
-returns None and Pillow decodes it, with its own error messages.
-
-pyspng holds the GIL while it decodes, so several images on several threads decode one after
-another, where Pillow's decoder releases it and decodes them side by side: W2's eight frames took
-36 ms through libspng against ~22 through Pillow. Callers with several images choose Pillow
-(`fast_png=False` in loading.py).
+model never sees. Anything else (palette, grey, 16-bit, animated, damaged, or no binding for the
+case) returns None and Pillow decodes it, with its own error messages.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,6 +33,10 @@ try:
     import pyspng
 except ImportError:  # optional: `pip install "phivision[fast]"`
     pyspng = None
+try:
+    import imagecodecs
+except ImportError:  # optional: `pip install "phivision[fast]"`
+    imagecodecs = None
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # IHDR is the first chunk: 8 signature bytes, 4 length bytes, "IHDR", width, height, then bit
@@ -36,15 +45,29 @@ _IHDR_END = 33
 _TRUECOLOUR = {2: 3, 6: 4}  # colour type -> channels (RGB, RGBA)
 
 
-def available() -> bool:
-    """Whether libspng (pyspng) is installed."""
-    return pyspng is not None
+def _decoder(side_by_side: bool) -> Callable[[bytes], np.ndarray] | None:
+    """libspng through the binding that suits the caller: one that releases the GIL when several
+    images decode on threads at once, else the fastest installed."""
+    releases_gil = None
+    if imagecodecs is not None and getattr(getattr(imagecodecs, "SPNG", None), "available", False):
+        releases_gil = imagecodecs.spng_decode
+    if side_by_side:
+        return releases_gil
+    return pyspng.load if pyspng is not None else releases_gil
 
 
-def decode_truecolour(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
+def available(side_by_side: bool = False) -> bool:
+    """Whether a libspng binding is installed for this case (`side_by_side`: several images decoded
+    on threads at once, which needs imagecodecs)."""
+    return _decoder(side_by_side) is not None
+
+
+def decode_truecolour(data: bytes, size: tuple[int, int], *, side_by_side: bool = False) -> np.ndarray | None:
     """The pixels of an 8-bit RGB / RGBA PNG of `size` (width, height, from its header) as an
-    (H, W, 3 or 4) uint8 array; None for any other file (or without pyspng): Pillow's turn."""
-    if pyspng is None or len(data) < _IHDR_END or not data.startswith(_SIGNATURE) or data[12:16] != b"IHDR":
+    (H, W, 3 or 4) uint8 array; None for any other file, or without a binding: Pillow's turn.
+    side_by_side: the caller decodes several images on threads at once."""
+    decode = _decoder(side_by_side)
+    if decode is None or len(data) < _IHDR_END or not data.startswith(_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     bit_depth, colour_type = data[24], data[25]
     channels = _TRUECOLOUR.get(colour_type)
@@ -53,7 +76,7 @@ def decode_truecolour(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
     if not _chunks_intact(data):
         return None
     try:
-        pixels = pyspng.load(data)
+        pixels = decode(data)
     except Exception:  # noqa: BLE001 - corrupt or truncated: Pillow decodes it again and words the error
         return None
     width, height = size
@@ -66,9 +89,9 @@ def _chunks_intact(data: bytes) -> bool:
     """Whether every chunk up to IEND is whole and matches its CRC, and none is an animation's.
 
     libspng as pyspng drives it checks neither the chunk CRCs nor zlib's checksum of the pixel
-    stream, so damaged data would decode into wrong pixels where Pillow (which checks the latter)
-    refuses the file. Checking the CRCs here (microseconds for W1's 14 KB) sends damaged files to
-    Pillow and its error. An animation control chunk (acTL) sends APNGs to Pillow, which knows
+    stream (nor is imagecodecs relied on to), so damaged data would decode into wrong pixels where
+    Pillow (which checks the latter) refuses the file. Checking the CRCs here (microseconds for
+    W1's 14 KB) sends damaged files to Pillow and its error. An animation control chunk (acTL) sends APNGs to Pillow, which knows
     their frames.
     """
     view = memoryview(data)

@@ -78,8 +78,8 @@ def fetch_image(source: str, policy: ImagePolicy, where: str) -> FetchedImage:
     refused or unreadable."""
     data = _source_data(source, policy, where)
     with _image_errors(where):
-        # Pillow: requests' images are checked side by side on threads, and libspng would hold the GIL.
-        image = load_image(data, allow_urls=policy.allow_urls, max_pixels=policy.max_image_pixels, fast_png=False)
+        # A request's images are checked side by side on threads.
+        image = load_image(data, allow_urls=policy.allow_urls, max_pixels=policy.max_image_pixels, side_by_side=True)
     return FetchedImage(image, data if isinstance(data, bytes) else None)
 
 
