@@ -1,9 +1,10 @@
 """Prefill of prompts of lengths the engine has not seen, with and without the cuDNN buckets; and
 the host's PNG decoding of W1/W2's images through Pillow and through libspng.
 
-    python benchmarks/exp_new_lengths.py --model CKPT_DIR [--out results.json]
+    python benchmarks/exp_new_lengths.py --model CKPT_DIR [--buckets 256,512] [--out results.json]
 
-Prefill: for each setting a fresh engine (its set-up time, which builds the cuDNN plans, is
+Prefill: flash, then cuDNN with each bucket size of --buckets (default: the runner's own); for each
+setting a fresh engine (its set-up time, which builds the cuDNN plans, is
 reported), then one text prompt of each length in LENGTHS, each length new to the process except
 the repeats at the end; the time from adding the request to its first token (GPU synchronised).
 Decoding: `load_image_or_pixels` of each workload's PNG bytes, the median of 15, with pyspng and with it
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import WORKLOADS, make_png  # noqa: E402
 
+from phivision.generation import runner  # noqa: E402
 from phivision.generation.engine import Engine, EngineConfig  # noqa: E402
 from phivision.generation.sampling import SamplingParams  # noqa: E402
 from phivision.processing import png  # noqa: E402
@@ -72,9 +74,9 @@ def decode_times(runs: int = 15) -> dict:
         for decoder in ("libspng", "pillow"):
             if decoder == "libspng" and not png.available():
                 continue
-            saved = png.pyspng
+            saved = png.pyspng, png.imagecodecs
             if decoder == "pillow":
-                png.pyspng = None
+                png.pyspng = png.imagecodecs = None
             try:
                 times, staged_times = [], []
                 for _ in range(runs):
@@ -85,7 +87,7 @@ def decode_times(runs: int = 15) -> dict:
                     staged_times.append((time.perf_counter() - t1) * 1e3)
                     times.append((t1 - t0) * 1e3)
             finally:
-                png.pyspng = saved
+                png.pyspng, png.imagecodecs = saved
             row[decoder] = {"decode_ms": statistics.median(times), "stage_ms": statistics.median(staged_times)}
         out[name] = row
     return out
@@ -95,14 +97,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--buckets", default=str(runner.CUDNN_PREFILL_BUCKET),
+                        help="comma-separated cuDNN bucket sizes to try (the runner's constant, patched here)")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "decode": decode_times()}
     for name, row in report["decode"].items():
         print(name, " ".join(f"{k}: decode {v['decode_ms']:.2f} ms + staging {v['stage_ms']:.2f} ms" for k, v in row.items()))
     model = load_model(args.model, device="cuda", dtype=torch.bfloat16, progress=False)
-    for setting in (False, True):
-        report[f"cudnn_prefill={setting}"] = result = prefill_times(model, setting)
-        print(f"cudnn_prefill={setting}: engine set-up {result['setup_s']:.2f} s; prefill ms by length:",
+    settings = [("cudnn_prefill=False", False, None)]
+    settings += [(f"cudnn_prefill=True bucket={size}", True, int(size)) for size in args.buckets.split(",")]
+    for label, setting, bucket in settings:
+        if bucket is not None:
+            runner.CUDNN_PREFILL_BUCKET = bucket  # read by runner._bucket at each call
+        report[label] = result = prefill_times(model, setting)
+        print(f"{label}: engine set-up {result['setup_s']:.2f} s; prefill ms by length:",
               " ".join(f"{n}:{ms:.1f}" for n, ms in result["prefill_ms"]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -25,11 +25,15 @@ from .kv_cache import PagedBatch, PagedKVCache, padded_causal_attention
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # A prompt prefilled from its start in one chunk of at least CUDNN_PREFILL_MIN_TOKENS runs its
 # attention through cuDNN, padded to a multiple of CUDNN_PREFILL_BUCKET rows. cuDNN's kernels beat
-# flash's on Hopper (H200, prompts of new lengths: 8,190 tokens 126-127 against 137-139 ms, 2,531
+# flash's on Hopper (H200, prompts of new lengths: 8,190 tokens 126-128 against 137-141 ms, 2,531
 # tokens 31 against 39-43), but cuDNN builds an execution plan (~40 ms) for every new length; with
-# the padding there is one plan per bucket, all built at start.
+# the padding there is one plan per bucket, all built at start. The padding rows cost attention
+# work (causal: the last rows attend to almost every key), so buckets of 256 rather than 512: 8,211
+# tokens 131.9 against 134.0 ms, 5,222 75.8 against 77.5 (benchmarks/exp_new_lengths.py), for 61
+# plans up to 16K instead of 31. cuDNN's ragged form, which would skip the padding, builds a new
+# plan at every call in torch 2.11 (55-70 ms each: benchmarks/exp_cudnn_ragged.py).
 CUDNN_PREFILL_MIN_TOKENS = 1024
-CUDNN_PREFILL_BUCKET = 512
+CUDNN_PREFILL_BUCKET = 256
 
 
 def _bucket(length: int) -> int:
