@@ -11,6 +11,7 @@ capture the tower, and with which attention kernel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -24,12 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phivision.generation.vision_graphs import VisionTowerGraphs  # noqa: E402
 from phivision.weights import load_model  # noqa: E402
 
-BACKENDS = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION]}
+# "default": PyTorch's own choice among all backends; "cudnn-first": cuDNN, else flash / efficient.
+BACKENDS = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+            "cudnn": [SDPBackend.CUDNN_ATTENTION],
+            "cudnn-first": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]}
 
 
 def tower_layers(tower, pixels: torch.Tensor, backend: str) -> torch.Tensor:
     """The tower's forward with the SDPA backend chosen here (the package's forward pins flash)."""
-    with sdpa_kernel(BACKENDS[backend]):
+    backends = BACKENDS[backend]
+    context = contextlib.nullcontext() if backends is None else sdpa_kernel(backends, set_priority=backend == "cudnn-first")
+    with context:
         return tower(pixels, plan_per_shape=True)  # plan_per_shape: the forward leaves the backend to us
 
 
