@@ -91,8 +91,8 @@ def _chunks_intact(data: bytes) -> bool:
     libspng as pyspng drives it checks neither the chunk CRCs nor zlib's checksum of the pixel
     stream (nor is imagecodecs relied on to), so damaged data would decode into wrong pixels where
     Pillow (which checks the latter) refuses the file. Checking the CRCs here (microseconds for
-    W1's 14 KB) sends damaged files to Pillow and its error. An animation control chunk (acTL) sends APNGs to Pillow, which knows
-    their frames.
+    W1's 14 KB) sends damaged files to Pillow and its error. An animation control chunk (acTL)
+    sends APNGs to Pillow, which knows their frames.
     """
     view = memoryview(data)
     offset = len(_SIGNATURE)
