@@ -17,7 +17,7 @@ import torch
 
 from phivision.config import ModelConfig
 from phivision.generation.runner import ModelRunner, RunnerConfig
-from phivision.kernels.fused import add_rms_norm, quick_gelu, rms_norm, rope_qk_, silu_mul
+from phivision.kernels.fused import add_layer_norm, add_rms_norm, layer_norm, quick_gelu, rms_norm, rope_qk_, silu_mul
 from phivision.kernels.gemv import gemv
 from phivision.kernels.paged_attention import (
     decode_scratch,
@@ -89,6 +89,17 @@ def check_kernels() -> list[dict]:
     rows.append({"check": "add_rms_norm", "rel_err": max(rel(y, yc), rel(h, hc))})
     gu = torch.randn(7, 16384, device=dev, dtype=torch.bfloat16)
     rows.append({"check": "silu_mul", "rel_err": rel(silu_mul(gu), silu_mul(gu.cpu()))})
+    # the vision tower's LayerNorms against PyTorch's add and layer_norm on the same device
+    norm = torch.nn.LayerNorm(1024, eps=1e-5).to(dev, torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.2)
+    xv, rv = torch.randn(3, 577, 1024, device=dev, dtype=torch.bfloat16) * 3, torch.randn(3, 577, 1024, device=dev, dtype=torch.bfloat16)
+    ln, ln_ref = layer_norm(xv, norm), norm(xv)
+    rows.append({"check": f"layer_norm (unequal elements {(ln != ln_ref).float().mean().item():.1e})", "rel_err": rel(ln, ln_ref)})
+    (y, h), h_ref = add_layer_norm(xv, rv, norm), rv + xv
+    rows.append({"check": f"add_layer_norm (sums equal {torch.equal(h, h_ref)}, unequal outputs "
+                          f"{(y != norm(h_ref)).float().mean().item():.1e})",
+                 "rel_err": max(rel(y, norm(h_ref)), float(not torch.equal(h, h_ref)))})
     # batch-1 products: the gated one equals silu_mul then the plain one, bit for bit; with and
     # without programmatic dependent launch the results are the same bits
     for dtype in (torch.bfloat16, torch.float16):

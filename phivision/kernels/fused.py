@@ -1,5 +1,5 @@
 """Small fused kernels: the decoder's RMSNorm (with the residual add), SiLU-gate and rotary; the
-vision tower's quick-GELU.
+vision tower's LayerNorm (with the residual add) and quick-GELU.
 
 At batch 1 a decode step is ~30 tiny element-wise launches per layer when written in plain
 PyTorch; inside a CUDA graph each still costs microseconds. These Triton kernels do each job in
@@ -38,6 +38,26 @@ if triton_available():
         normed = (xf * inv).to(x.dtype)
         w = tl.load(W + cols, mask=mask, other=0.0)
         tl.store(Y + row * stride_y + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=mask)
+
+    @triton.jit
+    def _layer_norm_kernel(X, R, W, B, Y, H_OUT, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
+                           HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # 64-bit: rows x stride passes 2^31 for big crop batches
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            # h = residual + x, rounded to the activation dtype like the reference's add.
+            x = tl.load(R + row * stride_r + cols, mask=mask, other=0.0) + x
+            tl.store(H_OUT + row * stride_h + cols, x, mask=mask)
+        # In float32 as PyTorch's kernel: (x - mean) * rstd * weight + bias, rounded once.
+        xf = x.to(tl.float32)
+        mean = tl.sum(xf, axis=0) / n_cols
+        centred = tl.where(mask, xf - mean, 0.0)
+        rstd = tl.math.rsqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (centred * rstd * w + b).to(x.dtype), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
@@ -116,6 +136,37 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     n = x2.shape[-1]
     _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y, h, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n, eps,
                                     HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(n), **pdl_launch(x2))
+    return y.view_as(x), h.view_as(x)
+
+
+def _layer_norm_launch(x2: torch.Tensor, r2: torch.Tensor | None, norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if r2 is not None else y
+    n = x2.shape[-1]
+    _layer_norm_kernel[(x2.shape[0],)](x2, x2 if r2 is None else r2, norm.weight, norm.bias, y, h, x2.stride(0),
+                                       0 if r2 is None else r2.stride(0), y.stride(0), h.stride(0), n, norm.eps,
+                                       HAS_RESIDUAL=r2 is not None, BLOCK=triton.next_power_of_2(n), num_warps=4)
+    return y, h
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """`norm(x)`. On CUDA one Triton pass: PyTorch's kernel took 25 us for W1's 9,809 vision-tower
+    rows of 1,024 on an H200 (1.6 TB/s of the 4.1 the copy reaches), ~2.5x what reading and
+    writing them needs."""
+    if not _use_triton(x) or not x.is_contiguous() or norm.weight is None or norm.bias is None:
+        return norm(x)
+    y, _ = _layer_norm_launch(x.reshape(-1, x.shape[-1]), None, norm)
+    return y.view_as(x)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + x), residual + x) in one pass over the rows: the pre-LN block's residual add
+    and the next LayerNorm, which PyTorch runs as two kernels (13.8 + 25 us at W1's vision rows)."""
+    if not _use_triton(x) or not (x.is_contiguous() and residual.is_contiguous()) or norm.weight is None or norm.bias is None:
+        h = residual + x
+        return norm(h), h
+    width = x.shape[-1]
+    y, h = _layer_norm_launch(x.reshape(-1, width), residual.reshape(-1, width), norm)
     return y.view_as(x), h.view_as(x)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
-from ..kernels.fused import quick_gelu
+from ..kernels.fused import add_layer_norm, layer_norm, quick_gelu
 from .language import attention, fused_sdpa_only
 
 
@@ -95,9 +95,17 @@ class ClipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = ClipMLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: torch.Tensor, normed: torch.Tensor,
+                next_norm: nn.LayerNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: the residual stream (N, L, C), normed: layer_norm1(x). Returns the block's output and
+        next_norm of it (the next block's layer_norm1; None after the last block): each residual
+        add is fused with the LayerNorm that follows it (`add_layer_norm`), the same numbers."""
+        normed, x = add_layer_norm(self.self_attn(normed), x, self.layer_norm2)
+        out = self.mlp(normed)
+        if next_norm is None:
+            return x + out, None
+        normed, x = add_layer_norm(out, x, next_norm)
+        return x, normed
 
 
 class ClipEncoder(nn.Module):
@@ -124,8 +132,10 @@ class ClipVisionTower(nn.Module):
         each shape many times (CUDA-graph capture: on an H200, 13.3 against 13.7 ms for 17 crops,
         30.7 against 33.8 for 40).
         """
-        h = self.pre_layrnorm(self.embeddings(pixel_values))  # (N, P+1, C)
+        h = layer_norm(self.embeddings(pixel_values), self.pre_layrnorm)  # (N, P+1, C)
+        layers = self.encoder.layers
+        normed = layer_norm(h, layers[0].layer_norm1) if len(layers) else h
         with contextlib.nullcontext() if plan_per_shape else fused_sdpa_only(h.device):
-            for layer in self.encoder.layers:
-                h = layer(h)
+            for index, layer in enumerate(layers):
+                h, normed = layer(h, normed, layers[index + 1].layer_norm1 if index + 1 < len(layers) else None)
         return h[:, 1:]  # (N, P, C): drop CLS
