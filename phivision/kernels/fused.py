@@ -161,7 +161,10 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(residual + x), residual + x) in one pass over the rows: the pre-LN block's residual add
-    and the next LayerNorm, which PyTorch runs as two kernels (13.8 + 25 us at W1's vision rows)."""
+    and the next LayerNorm, which PyTorch runs as two kernels (13.8 + 25 us at W1's vision rows;
+    22 us this way). The sums are PyTorch's bit for bit; the LayerNorm's float32 sums run in
+    another order than PyTorch's, so ~5e-6 of its outputs land one bf16 step apart
+    (benchmarks/gpu_kernel_check.py, exp_vision_layernorm.py)."""
     if not _use_triton(x) or not (x.is_contiguous() and residual.is_contiguous()) or norm.weight is None or norm.bias is None:
         h = residual + x
         return norm(h), h

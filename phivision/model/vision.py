@@ -99,7 +99,7 @@ class ClipEncoderLayer(nn.Module):
                 next_norm: nn.LayerNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: the residual stream (N, L, C), normed: layer_norm1(x). Returns the block's output and
         next_norm of it (the next block's layer_norm1; None after the last block): each residual
-        add is fused with the LayerNorm that follows it (`add_layer_norm`), the same numbers."""
+        add is fused with the LayerNorm that follows it (`add_layer_norm`)."""
         normed, x = add_layer_norm(self.self_attn(normed), x, self.layer_norm2)
         out = self.mlp(normed)
         if next_norm is None:
