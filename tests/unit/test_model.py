@@ -361,3 +361,18 @@ def test_patch_embedding_as_a_matrix_product_equals_the_convolution():
     assert not torch.allclose(patch_embed_matmul(pixels.transpose(2, 3), weight), conv)
     x = torch.randn(4, 9)
     torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x))
+
+
+def test_vision_tower_carrying_the_residual_equals_the_pre_ln_blocks(model):
+    """The tower fuses each residual add with the LayerNorm after it; on the CPU that is the same
+    ops in the same order, so its features equal the plain pre-LN blocks, x + attn(LN1(x)) then
+    x + MLP(LN2(x)), layer after layer, bit for bit."""
+    tower = model.vision_tower
+    assert len(tower.encoder.layers) >= 2  # the carry from one block's end into the next is exercised
+    pixels = torch.randn(2, 3, tower.config.image_size, tower.config.image_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        h = tower.pre_layrnorm(tower.embeddings(pixels))
+        for layer in tower.encoder.layers:
+            h = h + layer.self_attn(layer.layer_norm1(h))
+            h = h + layer.mlp(layer.layer_norm2(h))
+        assert torch.equal(tower(pixels), h[:, 1:])
