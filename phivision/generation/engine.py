@@ -74,8 +74,9 @@ class EngineConfig:
     # (see Engine._decode_ahead). None: on CUDA only, where the GPU runs ahead of the host.
     lookahead_decode: bool | None = None
     # One long prompt from its start gets cuDNN's attention, padded to a length bucket whose plan is
-    # built at start (see runner.CUDNN_PREFILL_*; the 31 buckets up to 16K added ~0.6 s to the first
-    # engine's start on an H200, once per thread). None: on CUDA in half precision, with cuDNN.
+    # built at start (see runner.CUDNN_PREFILL_*; once per thread: 31 buckets of 512 up to 16K added
+    # ~0.6 s to the first engine's start on an H200, and there are now 61 of 256). None: on CUDA in
+    # half precision, with cuDNN.
     cudnn_prefill: bool | None = None
 
 
