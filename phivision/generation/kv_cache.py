@@ -140,7 +140,7 @@ class PagedBatch:
         self.long_rope = long_rope  # (B,) bool: which LongRoPE factor set each row's keys use
         self.start = start
         self.segments = segments  # prefill only; None = one sequence starting at `start`
-        # prefill, when there are several segments and each starts its sequence: int32 (N + 1,)
+        # prefill, when there are several segments and one or more start their sequences: int32 (N + 1,)
         # segment offsets and T on the device, for one packed attention call instead of one per segment
         self.cu_seqlens = cu_seqlens
         # prefill of one sequence from its start: its attention runs on this many rows, the ones past
@@ -206,9 +206,17 @@ class PagedBatch:
         v = v.view(1, num_new, num_kv_heads, head_dim).transpose(1, 2)
         segments = self.segments or [(0, num_new, self.start)]
         if self.cu_seqlens is not None and num_heads == num_kv_heads:
-            # Several prompts from their starts: they attend only to themselves, all in one call.
+            # Several chunks in one call, each attending to itself as if it started its sequence. That
+            # is the whole answer for a chunk that does start its sequence; a chunk that continues one
+            # (the step's token budget split its prompt) also attends to its cached part, so its rows
+            # are then computed again over the pool and replaced.
             out = packed_causal_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), self.cu_seqlens,
                                           [length for _, length, _ in segments])  # (T, H, D)
+            for row, (offset, length, start) in enumerate(segments):
+                if start:
+                    part = slice(offset, offset + length)
+                    out[part] = paged_prefill_attention(q[:, :, part], k[:, :, part], v[:, :, part], k_pool, v_pool,
+                                                        self.block_tables[row], start)[0].transpose(0, 1)  # (t, H, D)
             return out.reshape(1, num_new, q_size)
         outs = [
             paged_prefill_attention(q[:, :, offset : offset + length], k[:, :, offset : offset + length],

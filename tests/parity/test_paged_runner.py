@@ -76,10 +76,25 @@ def test_write_and_reference_decode_round_trip():
     assert torch.allclose(out.view(heads, dim), expected.view(heads, dim), atol=1e-6)
 
 
-def test_packed_prefill_of_several_sequences_matches_each_alone(model, tiny_checkpoint, tiny_manifest, processor_golden):
+def test_packed_prefill_of_several_sequences_matches_each_alone(model, tiny_checkpoint, tiny_manifest, processor_golden,
+                                                                monkeypatch):
     """Chunks of three sequences in one packed forward: two with their own image 1 (renumbered
-    inside the pack), one continuing from cached blocks; each chunk's last logits as if alone."""
+    inside the pack), one continuing from cached blocks; each chunk's last logits as if alone. All
+    three go through the one packed attention call per layer, and only the continuing chunk is
+    then redone over the pool."""
     from phivision.generation.runner import PrefillChunk
+    from phivision.kernels import paged_attention
+
+    calls = {"packed": [], "paged": []}
+    packed_call, paged_call = paged_attention.packed_causal_attention, paged_attention.paged_prefill_attention
+
+    def spy_packed(q, k, v, cu_seqlens, lengths):
+        calls["packed"].append(list(lengths))
+        return packed_call(q, k, v, cu_seqlens, lengths)
+
+    def spy_paged(q, k, v, k_pool, v_pool, block_table, start):
+        calls["paged"].append((q.shape[2], start))
+        return paged_call(q, k, v, k_pool, v_pool, block_table, start)
 
     cases = {c["id"]: c for c in tiny_manifest["cases"]}
     proc = Processor.from_pretrained(str(tiny_checkpoint), num_crops=4)
@@ -94,12 +109,17 @@ def test_packed_prefill_of_several_sequences_matches_each_alone(model, tiny_chec
     tables = [[free.pop() for _ in range(-(-len(s) // 16))] for s in (ids, ids, text)]
     # Every sequence here is over the tiny model's 64-token switch point: long factors throughout.
     runner.prefill(text[:32], 0, tables[2], None, True)  # the text sequence's first 32 tokens are cached already
+    monkeypatch.setattr(paged_attention, "packed_causal_attention", spy_packed)
+    monkeypatch.setattr(paged_attention, "paged_prefill_attention", spy_paged)
     packed = runner.prefill_many([PrefillChunk(ids, 0, tables[0], features), PrefillChunk(ids, 0, tables[1], other),
                                   PrefillChunk(text[32:], 32, tables[2], None)], long_rope=True)
     for row, (seq, feats) in enumerate([(ids, features), (ids, other), (text, None)]):
         alone = model(torch.tensor([seq]), image_features=feats)[0, -1]
         assert torch.allclose(packed[row], alone, atol=1e-4), (row, (packed[row] - alone).abs().max())
     assert not torch.allclose(packed[0], packed[1], atol=1e-3)  # the two images really were told apart
+    layers = model.config.text.num_hidden_layers
+    assert calls["packed"] == [[len(ids), len(ids), len(text) - 32]] * layers
+    assert calls["paged"] == [(len(text) - 32, 32)] * layers
 
 
 def test_decode_inputs_of_a_padded_batch(model, tiny_checkpoint, tiny_manifest):
