@@ -226,6 +226,35 @@ def test_chunks_keep_image_runs_whole():
     assert prefill_chunks == [(0, 2), (2, 8), (8, 11)]  # the 6-token run is over the limit and goes alone
 
 
+def test_a_prompt_is_not_started_on_the_text_before_an_image_run_that_the_budget_cannot_hold():
+    """W4's shape: prompts of a short text, an image run, a question. A step holds as many whole
+    prompts as its budget allows; the next prompt is not admitted on the few tokens before its
+    image run (that made every later step hold continued chunks), it starts in the next step."""
+    sched, runner = make(max_num_batched_tokens=64, prefill_chunk_size=64)
+    prompts = [seq_of([5, 6, 7] + [-1] * 16 + list(range(100 + 10 * i, 106 + 10 * i)), image_key=(f"img{i}",),
+                      max_new_tokens=2) for i in range(6)]  # 25 tokens each
+    for seq in prompts:
+        sched.add(seq)
+    runner.drain()
+    prefills = [b for b in runner.history if b.kind == "prefill"]
+    assert [len(b.seqs) for b in prefills] == [2, 2, 2]
+    assert all(chunk == (0, 25) for b in prefills for chunk in b.chunks)
+    check_pool(sched)
+
+
+def test_text_before_a_run_longer_than_the_chunk_limit_is_still_taken_beside_other_prompts():
+    """When the run is over `prefill_chunk_size` it never fits: the text before it is a chunk of
+    its own in any step, so it is taken at once even if another prompt is in the step."""
+    sched, runner = make(max_num_batched_tokens=64, prefill_chunk_size=8)
+    first = seq_of(range(10, 14), max_new_tokens=1)
+    second = seq_of([5, 6, 7] + [-1] * 12 + [8, 9], image_key=("img",), max_new_tokens=1)
+    sched.add(first)
+    sched.add(second)
+    batch, _ = runner.step()
+    assert batch.seqs == [first, second] and batch.chunks == [(0, 4), (0, 3)]
+    runner.drain()
+
+
 def test_admission_waits_for_blocks():
     sched, runner = make(num_blocks=7, block_size=4)  # 6 usable blocks
     a = seq_of(range(10, 26), max_new_tokens=3)  # 4 blocks (grows to a 5th)
