@@ -252,7 +252,7 @@ class Scheduler:
                 # Stopped short before an image run only because the step's budget is nearly spent:
                 # the run waits for the next step, and so does the text before it. Taken now, that
                 # text would be a chunk of a few tokens, and the next step would hold a continued
-                # chunk for every prompt cut so (W4 over HTTP: ~45 prompts admitted on 3 tokens each).
+                # chunk for every prompt cut so (W4 over HTTP: ~45 prompts admitted on 2 tokens each).
                 return False
             seq.num_computed_tokens = end
             seqs.append(seq)
