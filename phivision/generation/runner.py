@@ -318,9 +318,8 @@ class ModelRunner:
         in one packed call: their row offsets and the row's length, int32 on the device (cu_seqlens);
         else None. A chunk that continues its sequence is redone over the pool afterwards (see
         `PagedBatch.attend_qkv`). A step holds one when the previous step's token budget split a
-        prompt; with one attention call per chunk
-        instead, such a step of 8,192 tokens in ~800-token prompts took 117-121 ms, against 109-111
-        packed (H200, `benchmarks/exp_packed_prefill.py`)."""
+        prompt; with one attention call per chunk instead, such a step of 8,192 tokens in ~800-token
+        prompts took 117-121 ms, against 109-111 packed (H200, `benchmarks/exp_packed_prefill.py`)."""
         if len(segments) < 2 or all(start for _, _, start in segments):
             return None
         offsets = np.array([offset for offset, _, _ in segments] + [sum(length for _, length, _ in segments)], dtype=np.int32)
