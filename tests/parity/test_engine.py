@@ -456,3 +456,29 @@ def test_prefill_attention_padded_to_buckets_gives_the_golden_tokens(model, proc
     assert _run(engine, [case], processor_golden)[0] == case["expected"]["greedy_new_tokens"]
     assert len(padded) == 1  # only the chunk at position 0, of the several this prompt needs
     assert engine.num_steps["prefill"] > 1
+
+
+def test_a_burst_of_image_requests_is_prefilled_in_whole_prompts(model, processor, tiny_manifest, processor_golden,
+                                                                  monkeypatch):
+    """W4's shape on the tiny model: six image requests at once, a step budget that holds two of
+    them. No prompt is started on the tokens before its image run, so every prefill step holds
+    whole prompts from position 0, which attend in one packed call; each gets the golden tokens."""
+    from phivision.generation import runner as runner_module
+
+    chunks = []
+    original = runner_module.ModelRunner.prefill_many
+
+    def spy(self, step_chunks, long_rope):
+        chunks.append([(chunk.start, len(chunk.token_ids)) for chunk in step_chunks])
+        return original(self, step_chunks, long_rope)
+
+    monkeypatch.setattr(runner_module.ModelRunner, "prefill_many", spy)
+    case = next(c for c in tiny_manifest["cases"] if len(c["images"]) == 1 and c["num_crops"] == 4)
+    length = len(case["expected"]["input_ids"])
+    engine = _engine(model, processor, max_num_batched_tokens=2 * length + length // 2, prefill_chunk_size=4096,
+                     enable_prefix_caching=False)
+    results = _run(engine, [case] * 6, processor_golden)
+    assert all(tokens == case["expected"]["greedy_new_tokens"] for tokens in results)
+    assert [len(step) for step in chunks] == [2, 2, 2]
+    assert all(chunk == (0, length) for step in chunks for chunk in step)
+
