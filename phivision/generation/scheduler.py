@@ -12,9 +12,9 @@ Integers only (no torch). Policy, step by step:
   waiting ones, giving each a chunk of at most `prefill_chunk_size` tokens within the step's
   budget. A chunk never ends inside an image placeholder run (the runner embeds whole runs): it
   stops before the run, or, when the run alone is longer than the limit, takes the whole run
-  (over the limit, as the step's only chunk when it is over the budget). A chunk that would stop
-  before a run only because the step's budget is nearly spent is not taken: the step ends there
-  and the prompt goes on in the next one.
+  (over the limit, as the step's only chunk when it is over the budget). A chunk that stops before
+  a run only because the rest of the step's budget cannot hold the run, and that would use less
+  than half of that rest, is not taken: the step ends there and the prompt goes on in the next one.
 * A decode step feeds the last token of every decoding sequence. When one needs a new block and
   none is free, the most recently arrived running sequence is preempted (recompute: its blocks are
   freed, it goes back to the front of the waiting queue with its generated tokens and is
@@ -248,11 +248,14 @@ class Scheduler:
             end = prefill_chunk_end(seq.token_ids, start, limit)
             if end - start > budget and seqs:
                 return False  # an image run over the budget goes alone in a later step
-            if seqs and end - start < limit and prefill_chunk_end(seq.token_ids, start, cfg.prefill_chunk_size) > end:
-                # Stopped short before an image run only because the step's budget is nearly spent:
-                # the run waits for the next step, and so does the text before it. Taken now, that
-                # text would be a chunk of a few tokens, and the next step would hold a continued
-                # chunk for every prompt cut so (W4 over HTTP: ~45 prompts admitted on 2 tokens each).
+            cut_by_budget = end - start < limit and prefill_chunk_end(seq.token_ids, start, cfg.prefill_chunk_size) > end
+            if seqs and cut_by_budget and 2 * (end - start) < limit:
+                # Stopped short before an image run that does not fit in what is left of the step, and
+                # the text before the run would use less than half of that: the step ends here, and
+                # the prompt starts in the next one. Taken, such short chunks add up: each costs a
+                # sequence admitted for a few tokens and a continued chunk in the next step (W4 over
+                # HTTP: 45 prompts admitted on 2 tokens each, and every later step held only
+                # continued chunks).
                 return False
             seq.num_computed_tokens = end
             seqs.append(seq)

@@ -464,15 +464,21 @@ def test_a_burst_of_image_requests_is_prefilled_in_whole_prompts(model, processo
     them. No prompt is started on the tokens before its image run, so every prefill step holds
     whole prompts from position 0, which attend in one packed call; each gets the golden tokens."""
     from phivision.generation import runner as runner_module
+    from phivision.kernels import paged_attention
 
-    chunks = []
-    original = runner_module.ModelRunner.prefill_many
+    chunks, packed_calls = [], []
+    original, packed = runner_module.ModelRunner.prefill_many, paged_attention.packed_causal_attention
 
     def spy(self, step_chunks, long_rope):
         chunks.append([(chunk.start, len(chunk.token_ids)) for chunk in step_chunks])
         return original(self, step_chunks, long_rope)
 
+    def spy_packed(q, k, v, cu_seqlens, lengths):
+        packed_calls.append(list(lengths))
+        return packed(q, k, v, cu_seqlens, lengths)
+
     monkeypatch.setattr(runner_module.ModelRunner, "prefill_many", spy)
+    monkeypatch.setattr(paged_attention, "packed_causal_attention", spy_packed)
     case = next(c for c in tiny_manifest["cases"] if len(c["images"]) == 1 and c["num_crops"] == 4)
     length = len(case["expected"]["input_ids"])
     engine = _engine(model, processor, max_num_batched_tokens=2 * length + length // 2, prefill_chunk_size=4096,
@@ -481,4 +487,5 @@ def test_a_burst_of_image_requests_is_prefilled_in_whole_prompts(model, processo
     assert all(tokens == case["expected"]["greedy_new_tokens"] for tokens in results)
     assert [len(step) for step in chunks] == [2, 2, 2]
     assert all(chunk == (0, length) for step in chunks for chunk in step)
+    assert packed_calls == [[length, length]] * (3 * model.config.text.num_hidden_layers)  # one call a layer
 
