@@ -12,29 +12,16 @@ settles is the ragged form's cost: in torch 2.11 every call builds a new plan (5
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gpu_timing import median_gpu_ms  # benchmarks/, beside this script
+
 H, D = 32, 96
 CASES = ((2531, 3072), (2600, 3072), (2990, 3072), (6077, 6144), (8190, 8192), (8211, 8704), (8600, 8704))
-
-
-def timed(fn, reps: int = 15) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def first_call_ms(fn) -> float:
@@ -69,15 +56,15 @@ def main() -> None:
         try:
             first = first_call_ms(lambda: ragged(qkv, cum))
             out_r = ragged(qkv, cum)[:real]
-            t_r = timed(lambda: ragged(qkv, cum))
+            t_r = median_gpu_ms(lambda: ragged(qkv, cum), rounds=15)
         except Exception as exc:  # noqa: BLE001 - an experiment: print what failed
             print(real, bucket, "ragged failed:", repr(exc)[:300])
             first, out_r, t_r = float("nan"), None, float("nan")
         out_d = dense(qkv)[:real]
-        t_d = timed(lambda: dense(qkv))
+        t_d = median_gpu_ms(lambda: dense(qkv), rounds=15)
         exact = qkv[:real].contiguous()
         ref = dense(exact)
-        t_e = timed(lambda: dense(exact))
+        t_e = median_gpu_ms(lambda: dense(exact), rounds=15)
         scale = ref.float().abs().max().item()
         diff_r = float("nan") if out_r is None else (out_r.float() - ref.float()).abs().max().item() / scale
         diff_d = (out_d.float() - ref.float()).abs().max().item() / scale

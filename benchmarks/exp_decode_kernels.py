@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 
 import torch
 import triton
@@ -29,6 +28,8 @@ from phivision.kernels.paged_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
 )
+
+from gpu_timing import median_gpu_ms  # benchmarks/, beside this script
 
 HEADS, DIM, BLOCK = 32, 96, 64
 
@@ -224,15 +225,7 @@ def gemv_chain(rows: list) -> None:
                 graph.replay()
                 torch.cuda.synchronize()
                 same_graph = bool(torch.equal(gout, ref))
-                times = []
-                for _ in range(30):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    graph.replay()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                ms = statistics.median(times[5:])
+                ms = median_gpu_ms(graph.replay, rounds=25, warmup=5)  # 30 replays, the first 5 not counted
             except Exception as exc:  # noqa: BLE001
                 print(f"gemv chain {name} pdl={pdl}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue

@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import json
 import math
-import statistics
 from pathlib import Path
 
 import torch
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gpu_timing import median_gpu_ms  # benchmarks/, beside this script
 
 
 @triton.jit
@@ -180,22 +181,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
     return out
 
 
-def gpu_ms(fn, reps: int = 20, rounds: int = 5) -> float:
-    """Median over `rounds` of the mean GPU time of `reps` back-to-back calls."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
-
-
 def reference(q, k, v, heads: int, head_dim: int, causal: bool, seq_len: int) -> torch.Tensor:
     """float32 SDPA (math) on the first `heads` heads -> (T, heads*D)."""
     width = heads * head_dim
@@ -230,14 +215,14 @@ def run_shape(name: str, q, k, v, heads: int, head_dim: int, causal: bool, seq_l
         try:
             fn = lambda c=config: flash_attention(q, k, v, heads, head_dim, causal=causal, seq_len=seq_len, out=out,
                                                   config=c)
-            ms = gpu_ms(fn)
+            ms = median_gpu_ms(fn, rounds=5, calls_per_round=20)
             fn()
             record("triton " + "/".join(map(str, config)), ms, out)
         except Exception as error:  # a configuration that does not fit (shared memory, registers)
             print(f"{name:>24} triton {config}: {type(error).__name__}: {str(error)[:120]}", flush=True)
     for kernel, fn in sdpa_calls.items():
         try:
-            ms = gpu_ms(fn)
+            ms = median_gpu_ms(fn, rounds=5, calls_per_round=20)
             record(kernel, ms, fn())
         except Exception as error:
             print(f"{name:>24} {kernel}: {type(error).__name__}: {str(error)[:120]}", flush=True)

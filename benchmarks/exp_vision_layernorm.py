@@ -11,7 +11,6 @@ kernels alone at W1's rows: Triton against PyTorch's two kernels, each captured 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from phivision.kernels import fused  # noqa: E402
 from phivision.model import vision  # noqa: E402
 from phivision.weights import load_model  # noqa: E402
 
+from gpu_timing import median_gpu_ms  # noqa: E402  (benchmarks/, beside this script)
+
 
 def pytorch_layer_norm(x, norm):
     return norm(x)
@@ -32,20 +33,6 @@ def pytorch_layer_norm(x, norm):
 def pytorch_add_layer_norm(x, residual, norm):
     h = residual + x
     return norm(h), h
-
-
-def replay_ms(graph: torch.cuda.CUDAGraph, runs: int = 20) -> float:
-    """Median GPU time of one replay of `graph`, after one untimed replay."""
-    graph.replay()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def graph_ms(fn) -> float:
@@ -58,7 +45,7 @@ def graph_ms(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return replay_ms(graph)
+    return median_gpu_ms(graph.replay, rounds=20)
 
 
 @torch.inference_mode()
@@ -90,7 +77,7 @@ def main() -> None:
             try:
                 graphs = VisionTowerGraphs(tower, n)
                 features = graphs(pixels).clone()
-                results[label] = (replay_ms(graphs.graphs[n]), features)
+                results[label] = (median_gpu_ms(graphs.graphs[n].replay, rounds=20), features)
                 del graphs
             finally:
                 vision.layer_norm, vision.add_layer_norm = saved
