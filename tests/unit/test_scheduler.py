@@ -242,29 +242,27 @@ def test_a_prompt_is_not_started_on_the_text_before_an_image_run_that_the_budget
     check_pool(sched)
 
 
-def test_text_before_an_image_run_is_taken_when_it_fills_half_of_what_is_left():
-    """The rule only refuses chunks too short to be worth a continued chunk later: here the text
-    before the run uses 50 of the 60 tokens left, so it is taken."""
-    sched, runner = make(max_num_batched_tokens=100, prefill_chunk_size=100, num_blocks=128)
-    first = seq_of(range(10, 50), max_new_tokens=1)  # 40 tokens
-    second = seq_of(list(range(100, 150)) + [-1] * 30 + [8, 9, 10, 11, 12], image_key=("img",), max_new_tokens=1)
+@pytest.mark.parametrize(
+    "budget, chunk_size, first_len, second_tokens, expected",
+    [
+        # The rule only refuses chunks too short to be worth a continued chunk later: here the text
+        # before the run uses 50 of the 60 tokens left.
+        (100, 100, 40, list(range(100, 150)) + [-1] * 30 + [8, 9, 10, 11, 12], [(0, 40), (0, 50)]),
+        # The run is over `prefill_chunk_size`, so it never fits: the text before it is a chunk of its
+        # own in any step.
+        (64, 8, 4, [5, 6, 7] + [-1] * 12 + [8, 9], [(0, 4), (0, 3)]),
+    ],
+    ids=["fills-half-of-what-is-left", "run-over-the-chunk-limit"],
+)
+def test_text_before_an_image_run_is_still_taken_beside_another_prompt(budget, chunk_size, first_len, second_tokens,
+                                                                       expected):
+    sched, runner = make(max_num_batched_tokens=budget, prefill_chunk_size=chunk_size, num_blocks=128)
+    first = seq_of(range(10, 10 + first_len), max_new_tokens=1)
+    second = seq_of(second_tokens, image_key=("img",), max_new_tokens=1)
     sched.add(first)
     sched.add(second)
     batch, _ = runner.step()
-    assert batch.seqs == [first, second] and batch.chunks == [(0, 40), (0, 50)]
-    runner.drain()
-
-
-def test_text_before_a_run_longer_than_the_chunk_limit_is_still_taken_beside_other_prompts():
-    """When the run is over `prefill_chunk_size` it never fits: the text before it is a chunk of
-    its own in any step, so it is taken at once even if another prompt is in the step."""
-    sched, runner = make(max_num_batched_tokens=64, prefill_chunk_size=8)
-    first = seq_of(range(10, 14), max_new_tokens=1)
-    second = seq_of([5, 6, 7] + [-1] * 12 + [8, 9], image_key=("img",), max_new_tokens=1)
-    sched.add(first)
-    sched.add(second)
-    batch, _ = runner.step()
-    assert batch.seqs == [first, second] and batch.chunks == [(0, 4), (0, 3)]
+    assert batch.seqs == [first, second] and batch.chunks == expected
     runner.drain()
 
 
