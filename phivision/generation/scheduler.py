@@ -129,6 +129,12 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.prefilling) + len(self.decoding)
 
+    @property
+    def num_prefill_tokens_left(self) -> int:
+        """Prompt tokens not yet prefilled, of the waiting and part-prefilled sequences (tokens that a
+        prefix-cache hit will skip included: they are known only at admission)."""
+        return sum(seq.num_tokens - seq.num_computed_tokens for seq in (*self.waiting, *self.prefilling))
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)
 

@@ -361,9 +361,15 @@ def _stats(engine) -> dict[str, Any]:
 def _serve(engine, commands, events) -> None:
     """The engine process's loop: take commands, queue prepared requests, step.
 
-    New requests are prepared (images decoded, hashed and resized, prompts tokenised: CPU work) on a worker
-    thread while the loop keeps stepping the running ones; once ready they are queued in arrival
-    order, with their vision-tower work, between two steps.
+    New requests are prepared (images decoded, hashed and resized, prompts tokenised: CPU work) on a
+    worker thread while the loop keeps stepping the running ones. Once ready they are held in
+    arrival order and queued between two steps, with their vision-tower work, in slices: whenever
+    the engine has less than one prefill step's budget of prompt tokens left to prefill, enough held
+    requests to fill it. So a burst of requests has its vision tower run one step's worth at a
+    time, each slice just before its prefill, rather than all of it before the first prefill: the
+    first requests of the burst get their first token sooner, and the requests already decoding are
+    not held up for the whole burst's vision work at once (W4's ~55 later requests: 204 ms in one go
+    on an H200).
     """
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import wait as wait_for
@@ -371,15 +377,17 @@ def _serve(engine, commands, events) -> None:
     from ..generation.engine import PromptRequest
 
     preparing: collections.deque = collections.deque()  # (future of prepare_prompts, its requests), oldest first
+    held: collections.deque = collections.deque()  # (request, PreparedPrompt): prepared, not queued yet
     cancelled: set[str] = set()  # aborted while still being prepared
+    budget = engine.config.max_num_batched_tokens
     preparer = ThreadPoolExecutor(1, thread_name_prefix="phivision-prepare")
     try:
         while True:
-            if preparing and not engine.has_unfinished():
+            if preparing and not engine.has_unfinished() and not held:
                 wait_for([preparing[0][0]])  # nothing to step until the oldest preparation is done
             # Block while idle; otherwise take whatever has arrived.
             received = []
-            if commands.poll(None if not (engine.has_unfinished() or preparing) else 0):
+            if commands.poll(None if not (engine.has_unfinished() or preparing or held) else 0):
                 received.append(commands.recv())
                 while commands.poll(0):
                     received.append(commands.recv())
@@ -395,13 +403,28 @@ def _serve(engine, commands, events) -> None:
                     request_id = command[1]
                     if engine.abort(request_id):
                         events.send(("aborted", request_id, _stats(engine)))
+                    elif any(request.request_id == request_id for request, _ in held):
+                        _drop_held(engine, held, request_id, events)
                     elif any(request.request_id == request_id for _, requests in preparing for request in requests):
                         cancelled.add(request_id)
-            ready = []
+            now = []  # (request, PreparedPrompt or the exception refusing it), to queue before the next step
             while preparing and preparing[0][0].done():
-                ready.append(preparing.popleft())
-            if ready:
-                _add_prepared(engine, ready, cancelled, events)
+                for request, item in _prepared(*preparing.popleft()):
+                    if isinstance(item, BaseException):
+                        now.append((request, item))  # refused: nothing to wait for
+                        cancelled.discard(request.request_id)
+                    else:
+                        held.append((request, item))
+                        if request.request_id in cancelled:
+                            cancelled.discard(request.request_id)
+                            _drop_held(engine, held, request.request_id, events)
+            backlog = engine.scheduler.num_prefill_tokens_left
+            while held and backlog < budget:
+                request, item = held.popleft()
+                now.append((request, item))
+                backlog += len(item.prompt_ids)
+            if now:
+                _add_prepared(engine, now, events)
             if not engine.has_unfinished():
                 events.send(("stats", _stats(engine)))
                 continue
@@ -425,20 +448,29 @@ def _serve(engine, commands, events) -> None:
         preparer.shutdown(wait=False, cancel_futures=True)
 
 
-def _add_prepared(engine, ready: list, cancelled: set[str], events) -> None:
-    """Queues prepared requests (one vision-tower batch per crop count) and reports each verdict;
-    a request aborted while it was being prepared is accepted and aborted at once, the sequence
-    the server knows for a request cancelled right after it started."""
-    requests, prepared = [], []
-    for future, batch in ready:
-        requests.extend(batch)
-        try:
-            prepared.extend(future.result())
-        except Exception as exc:  # noqa: BLE001 - a bug in preparation: refuse its requests, keep serving
-            traceback.print_exc()
-            prepared.extend([RuntimeError(f"could not prepare the request: {exc}")] * len(batch))
+def _prepared(future, requests: list) -> list[tuple[Any, Any]]:
+    """(request, PreparedPrompt or the exception that refuses it) for each of a finished preparation's requests."""
     try:
-        results: list[Any] = engine.add_prepared(prepared)
+        return list(zip(requests, future.result()))
+    except Exception as exc:  # noqa: BLE001 - a bug in preparation: refuse its requests, keep serving
+        traceback.print_exc()
+        return [(request, RuntimeError(f"could not prepare the request: {exc}")) for request in requests]
+
+
+def _drop_held(engine, held: collections.deque, request_id: str, events) -> None:
+    """Ends a request cancelled before it was queued: accepted and aborted at once (what the server
+    expects of a request cancelled right after it started), its vision tower never run."""
+    entry = next(entry for entry in held if entry[0].request_id == request_id)
+    held.remove(entry)
+    events.send(("accepted", request_id, len(entry[1].prompt_ids)))
+    events.send(("aborted", request_id, _stats(engine)))
+
+
+def _add_prepared(engine, entries: list[tuple[Any, Any]], events) -> None:
+    """Queues prepared requests (one vision-tower batch per crop count) and reports each verdict."""
+    requests = [request for request, _ in entries]
+    try:
+        results: list[Any] = engine.add_prepared([item for _, item in entries])
     except Exception as exc:  # noqa: BLE001 - a bug: refuse them all, and none may run unreported
         traceback.print_exc()
         for request in requests:
@@ -451,6 +483,3 @@ def _add_prepared(engine, ready: list, cancelled: set[str], events) -> None:
             events.send(("refused", request.request_id, "internal", str(result)))
         else:
             events.send(("accepted", result, engine.request_info(result).num_prompt_tokens))
-            if result in cancelled and engine.abort(result):
-                events.send(("aborted", result, _stats(engine)))
-        cancelled.discard(request.request_id)

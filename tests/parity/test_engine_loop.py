@@ -1,7 +1,8 @@
 """The engine process's loop (server/async_engine._serve), run on a thread with in-process pipes:
 requests are prepared beside the steps, and one aborted while still being prepared is accepted and
 aborted at once (what the server expects of a request cancelled right after it started), while the
-other request of its batch runs to the end."""
+other request of its batch runs to the end; a burst of requests is queued in slices of one prefill
+step's budget, each slice's vision tower run just before its prefill."""
 
 from __future__ import annotations
 
@@ -19,10 +20,22 @@ from phivision.weights import load_model
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
+def parts(tiny_checkpoint):
     model = load_model(str(tiny_checkpoint), dtype=torch.float32, progress=False)
-    processor = Processor.from_pretrained(str(tiny_checkpoint))
-    return Engine(model, processor, EngineConfig(max_num_seqs=4, block_size=16, kv_cache_tokens=4096))
+    return model, Processor.from_pretrained(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def engine(parts):
+    return Engine(*parts, EngineConfig(max_num_seqs=4, block_size=16, kv_cache_tokens=4096))
+
+
+def _start(engine):
+    server_commands, engine_commands = multiprocessing.Pipe()
+    engine_events, server_events = multiprocessing.Pipe()
+    loop = threading.Thread(target=_serve, args=(engine, engine_commands, engine_events), daemon=True)
+    loop.start()
+    return loop, server_commands, server_events
 
 
 def _events_until(events, predicate, timeout: float = 60.0) -> list[tuple]:
@@ -49,10 +62,14 @@ def test_abort_while_preparing_and_a_normal_request(engine, tiny_manifest, proce
         return real_prepare(requests)
 
     monkeypatch.setattr(engine, "prepare_prompts", gated_prepare)
-    server_commands, engine_commands = multiprocessing.Pipe()
-    engine_events, server_events = multiprocessing.Pipe()
-    loop = threading.Thread(target=_serve, args=(engine, engine_commands, engine_events), daemon=True)
-    loop.start()
+    real_add, queued = engine.add_prepared, []
+
+    def spy_add(prepared):
+        queued.append([item.request.request_id for item in prepared])
+        return real_add(prepared)
+
+    monkeypatch.setattr(engine, "add_prepared", spy_add)
+    loop, server_commands, server_events = _start(engine)
     try:
         server_commands.send(("add", [("keep", case["prompt"], images, params, case["num_crops"]),
                                       ("drop", case["prompt"], images, params, case["num_crops"])]))
@@ -60,7 +77,9 @@ def test_abort_while_preparing_and_a_normal_request(engine, tiny_manifest, proce
         gate.set()
         seen = _events_until(server_events, lambda m, _: m[0] == "outputs" and any(o[0] == "keep" and o[2] for o in m[1]))
         kinds = [(m[0], m[1]) for m in seen if m[0] in ("accepted", "aborted", "refused")]
-        assert kinds == [("accepted", "keep"), ("accepted", "drop"), ("aborted", "drop")], kinds
+        assert [k for k in kinds if k[1] == "keep"] == [("accepted", "keep")], kinds
+        assert [k for k in kinds if k[1] == "drop"] == [("accepted", "drop"), ("aborted", "drop")], kinds
+        assert queued == [["keep"]]  # the cancelled request never reached the engine (nor its vision tower)
         tokens = [o[1] for m in seen if m[0] == "outputs" for o in m[1] if o[0] == "keep" and o[1] is not None]
         assert len(tokens) == 8
         assert not any(o[0] == "drop" for m in seen if m[0] == "outputs" for o in m[1])
@@ -70,4 +89,97 @@ def test_abort_while_preparing_and_a_normal_request(engine, tiny_manifest, proce
         loop.join(30)
     assert not loop.is_alive()
     assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_a_burst_is_queued_in_slices_of_one_prefill_step(parts, tiny_manifest, processor_golden, monkeypatch):
+    """Six image requests in one message, a step budget of two and a half prompts: they are queued
+    (their vision tower run) a step's worth at a time, each slice only once the engine has less
+    than a step's budget left to prefill, so the first ones get their first token before the last
+    ones are queued; every request gets the golden tokens."""
+    case = next(c for c in tiny_manifest["cases"] if len(c["images"]) == 1 and c["num_crops"] == 4)
+    length = len(case["expected"]["input_ids"])
+    budget = 2 * length + length // 2
+    engine = Engine(*parts, EngineConfig(max_num_seqs=8, block_size=16, kv_cache_tokens=8192,
+                                         max_num_batched_tokens=budget, prefill_chunk_size=4096,
+                                         enable_prefix_caching=False))
+    image = (processor_golden / case["images"][0]).read_bytes()
+    new_tokens = len(case["expected"]["greedy_new_tokens"])
+    params = SamplingParams(max_new_tokens=new_tokens)
+    timeline = []  # ("add", ids, prompt tokens left to prefill before it) and ("step", kind)
+    real_add, real_step = engine.add_prepared, engine.step
+
+    def spy_add(prepared):
+        timeline.append(("add", [item.request.request_id for item in prepared], engine.scheduler.num_prefill_tokens_left))
+        return real_add(prepared)
+
+    def spy_step():
+        outputs = real_step()
+        timeline.append(("step", engine._last_kind))
+        return outputs
+
+    monkeypatch.setattr(engine, "add_prepared", spy_add)
+    monkeypatch.setattr(engine, "step", spy_step)
+    ids = [f"r{i}" for i in range(6)]
+    loop, server_commands, server_events = _start(engine)
+    try:
+        server_commands.send(("add", [(rid, case["prompt"], [image], params, case["num_crops"]) for rid in ids]))
+        seen = _events_until(server_events, lambda m, s: sum(o[2] for x in s if x[0] == "outputs" for o in x[1]) == 6)
+    finally:
+        server_commands.send(("stop",))
+        loop.join(30)
+    tokens = {rid: [o[1] for m in seen if m[0] == "outputs" for o in m[1] if o[0] == rid and o[1] is not None] for rid in ids}
+    assert all(tokens[rid] == case["expected"]["greedy_new_tokens"] for rid in ids), tokens
+    adds = [entry for entry in timeline if entry[0] == "add"]
+    assert [rid for _, queued, _ in adds for rid in queued] == ids  # arrival order, each once
+    assert [len(queued) for _, queued, _ in adds] == [3, 2, 1]
+    assert all(left < budget for _, _, left in adds)
+    # Slices alternate with prefill steps: none is queued before the previous one's prefill.
+    kinds = [entry[0] if entry[0] == "add" else entry[1] for entry in timeline]
+    assert kinds[:2] == ["add", "prefill"] and kinds.index("add", 1) > kinds.index("prefill")
+    names = [m[0] if m[0] != "outputs" else ("token", [o[0] for o in m[1] if o[1] is not None]) for m in seen]
+    first_token = next(i for i, m in enumerate(seen) if m[0] == "outputs" and any(o[0] == "r0" and o[1] is not None for o in m[1]))
+    last_accepted = next(i for i, m in enumerate(seen) if m[0] == "accepted" and m[1] == "r5")
+    assert first_token < last_accepted, names
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def test_a_request_cancelled_while_held_is_never_queued(parts, tiny_manifest, processor_golden, monkeypatch):
+    """The burst above with the last request cancelled while it waits for its slice: it is accepted
+    and aborted at once, never reaches the engine, and the others run to the end."""
+    case = next(c for c in tiny_manifest["cases"] if len(c["images"]) == 1 and c["num_crops"] == 4)
+    length = len(case["expected"]["input_ids"])
+    engine = Engine(*parts, EngineConfig(max_num_seqs=8, block_size=16, kv_cache_tokens=8192,
+                                         max_num_batched_tokens=2 * length + length // 2, prefill_chunk_size=4096))
+    image = (processor_golden / case["images"][0]).read_bytes()
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    gate, queued = threading.Event(), []
+    real_add, real_step = engine.add_prepared, engine.step
+
+    def spy_add(prepared):
+        queued.extend(item.request.request_id for item in prepared)
+        return real_add(prepared)
+
+    def gated_step():
+        assert gate.wait(30), "the test never opened the gate"
+        return real_step()
+
+    monkeypatch.setattr(engine, "add_prepared", spy_add)
+    monkeypatch.setattr(engine, "step", gated_step)
+    ids = [f"r{i}" for i in range(6)]
+    loop, server_commands, server_events = _start(engine)
+    try:
+        server_commands.send(("add", [(rid, case["prompt"], [image], params, case["num_crops"]) for rid in ids]))
+        _events_until(server_events, lambda m, _: m[0] == "accepted" and m[1] == "r2")  # the first slice is queued
+        server_commands.send(("abort", "r5"))  # in the pipe before the first step ends
+        gate.set()
+        seen = _events_until(server_events, lambda m, s: sum(o[2] for x in s if x[0] == "outputs" for o in x[1]) == 5)
+    finally:
+        server_commands.send(("stop",))
+        loop.join(30)
+    assert [(m[0], m[1]) for m in seen if m[1] == "r5"] == [("accepted", "r5"), ("aborted", "r5")]
+    assert queued == ids[:5]
+    finished = [o[0] for m in seen if m[0] == "outputs" for o in m[1] if o[2]]
+    assert sorted(finished) == ids[:5]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks

@@ -186,6 +186,21 @@ def test_chunked_prefill_boundaries():
     runner.drain()
 
 
+def test_prefill_tokens_left_counts_waiting_and_part_prefilled_prompts():
+    sched, runner = make(max_num_batched_tokens=8, prefill_chunk_size=8)
+    a, b = seq_of(range(10, 16), max_new_tokens=2), seq_of(range(20, 30), max_new_tokens=2)
+    sched.add(a)
+    sched.add(b)
+    assert sched.num_prefill_tokens_left == 16
+    runner.step()  # a whole (6), b's first 2
+    assert sched.num_prefill_tokens_left == 8
+    runner.step()  # a decodes
+    assert sched.num_prefill_tokens_left == 8
+    runner.step()  # b's last 8
+    assert sched.num_prefill_tokens_left == 0
+    runner.drain()
+
+
 def test_step_budget_is_shared_between_prompts():
     sched, runner = make(max_num_batched_tokens=8, prefill_chunk_size=8)
     a, b = seq_of(range(10, 16)), seq_of(range(20, 26))
