@@ -480,27 +480,16 @@ class Engine:
             tokens.append(int(sample(logits[row : row + 1], state.params, state.generator)[0]))
         return tokens
 
-    @property
-    def last_step_kind(self) -> str | None:
-        """"prefill" or "decode": the kind of the last step that ran any sequence; None if it ran none."""
-        return self._last_kind
-
-    def step(self, *, decode_first: bool = False, queue_ahead: bool = True) -> list[StepOutput]:
-        """Runs one scheduled step; returns the new token of every request that got one.
-
-        `decode_first`: decode the decoding sequences now even if the last step did (see
-        `Scheduler.schedule`). `queue_ahead=False`: do not queue the next decode step before this
-        one's tokens are read (see `_decode_ahead`), for a caller about to queue GPU work of its own
-        (new requests' vision tower) that must run before that next step.
-        """
+    def step(self) -> list[StepOutput]:
+        """Runs one scheduled step; returns the new token of every request that got one."""
         started = time.perf_counter()
-        outputs = self._step(decode_first, queue_ahead)
+        outputs = self._step()
         if self._last_kind is not None:
             self.time_s[self._last_kind] += time.perf_counter() - started
             self.num_steps[self._last_kind] += 1
         return outputs
 
-    def _decode_ahead(self, seqs: list[Sequence], ahead: "_Lookahead | None", pick, queue_next: bool = True) -> list[int]:
+    def _decode_ahead(self, seqs: list[Sequence], ahead: "_Lookahead | None", pick) -> list[int]:
         """A decode step whose tokens are picked on the device (`pick`, see `_batch_pick`: greedy, or
         sampled alike without seeds), leaving the GPU the next step queued while the host reads them.
 
@@ -525,17 +514,17 @@ class Engine:
             self.num_lookahead_steps["used"] += 1
         else:
             tokens = self.runner.decode_queued([s.last_token for s in seqs], lens, [s.block_table for s in seqs], pick)
-        next_lens = self.scheduler.next_decode_if_no_stop(seqs) if queue_next else None
+        next_lens = self.scheduler.next_decode_if_no_stop(seqs)
         if next_lens is not None:
             self._ahead = _Lookahead(tuple(seqs), tuple(next_lens),
                                      self.runner.decode_queued(tokens, next_lens, [s.block_table for s in seqs], pick))
             self.num_lookahead_steps["queued"] += 1
         return tokens.tolist()
 
-    def _step(self, decode_first: bool = False, queue_ahead: bool = True) -> list[StepOutput]:
+    def _step(self) -> list[StepOutput]:
         self._last_kind = None
         ahead, self._ahead = self._ahead, None  # a step queued ahead is good for this step only
-        batch = self.scheduler.schedule(decode_first)
+        batch = self.scheduler.schedule()
         outputs = [StepOutput(s.request_id, None, True, "abort", s.error) for s in batch.aborted]
         for seq in batch.aborted:
             self._requests.pop(seq.request_id, None)
@@ -561,7 +550,7 @@ class Engine:
                 new = iter(self._sample(torch.stack([logits_of[r] for r in sampled]), [states[r] for r in sampled]))
                 tokens = [next(new) if last else None for last in batch.is_last_chunk]
         elif self.lookahead_decode and (pick := self._batch_pick(states)) is not False:
-            tokens = self._decode_ahead(batch.seqs, ahead, pick, queue_ahead)
+            tokens = self._decode_ahead(batch.seqs, ahead, pick)
         else:
             logits = self.runner.decode([s.last_token for s in batch.seqs], [s.num_tokens for s in batch.seqs],
                                         [s.block_table for s in batch.seqs])

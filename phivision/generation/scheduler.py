@@ -7,8 +7,7 @@ Integers only (no torch). Policy, step by step:
 * A step is either a prefill step or a decode step. When both kinds of work exist they alternate:
   after a prefill step with sequences decoding, the next step is a decode of all of them. So a
   long prompt delays each running sequence by at most one prefill step per token, and a prefill
-  step is bounded by `max_num_batched_tokens`. A caller may ask for a decode step first
-  (`schedule(decode_first=True)`): a server does right after it ran new requests' vision tower.
+  step is bounded by `max_num_batched_tokens`.
 * A prefill step first continues sequences whose prompts are part-way through, then admits
   waiting ones, giving each a chunk of at most `prefill_chunk_size` tokens within the step's
   budget. A chunk never ends inside an image placeholder run (the runner embeds whole runs): it
@@ -170,12 +169,10 @@ class Scheduler:
 
     # -- stepping -------------------------------------------------------------------------------
 
-    def schedule(self, decode_first: bool = False) -> ScheduledBatch:
-        """The next step's work (see the module docstring for the policy). With `decode_first` it is
-        a decode step whenever sequences are decoding, as after a prefill step (a server that has
-        just run new requests' vision tower gives the decoding ones their token before the prefill)."""
+    def schedule(self) -> ScheduledBatch:
+        """The next step's work (see the module docstring for the policy)."""
         aborted: list[Sequence] = []
-        if self.decoding and (decode_first or self._last_kind == "prefill"):
+        if self.decoding and self._last_kind == "prefill":
             batch = self._schedule_decode(aborted) or self._schedule_prefill(aborted)
         else:
             batch = self._schedule_prefill(aborted) or self._schedule_decode(aborted)

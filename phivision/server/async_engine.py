@@ -366,12 +366,14 @@ def _serve(engine, commands, events) -> None:
     arrival order and queued between two steps, with their vision-tower work, in slices: whenever
     the engine has less than one prefill step's budget of prompt tokens left to prefill, enough held
     requests to fill it. So a burst of requests has its vision tower run one step's worth at a
-    time, each slice before its prefill, rather than all of it before the first prefill: the first
-    requests of the burst get their first token sooner, and the requests already decoding are not
-    held up for the whole burst's vision work at once (W4's ~55 later requests: 204 ms in one go on
-    an H200). Decoding requests get a token between a slice's vision work and any prefill step, so
-    they wait for one of the two at a time, not both (W4 on an H200: the p99 time between tokens
-    went from ~125 to ~155 ms when they waited for both).
+    time, each slice just before its prefill, rather than all of it before the first prefill: the
+    first requests of the burst get their first token sooner, and the requests already decoding are
+    not held up for the whole burst's vision work at once (W4's ~55 later requests: 204 ms in one go
+    on an H200). The price: between two of their tokens the decoding requests now wait for a
+    slice's vision work and a prefill step together. W4 on an H200 (benchmarks/RESULTS.md, seventh
+    session): mean time to first token 686 ms against 788, p99 time between tokens 156 against 126.
+    A decode step between the two, tried, kept the time between tokens but lost the gain in time to
+    first token to the extra steps.
     """
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import wait as wait_for
@@ -421,9 +423,7 @@ def _serve(engine, commands, events) -> None:
                             cancelled.discard(request.request_id)
                             _drop_held(engine, held, request.request_id, events)
             backlog = engine.scheduler.num_prefill_tokens_left
-            sliced = bool(held) and backlog < budget and not (engine.scheduler.decoding
-                                                               and engine.last_step_kind == "prefill")
-            while sliced and held and backlog < budget:
+            while held and backlog < budget:
                 request, item = held.popleft()
                 now.append((request, item))
                 backlog += len(item.prompt_ids)
@@ -433,11 +433,7 @@ def _serve(engine, commands, events) -> None:
                 events.send(("stats", _stats(engine)))
                 continue
             try:
-                # A slice's vision work goes between two decode steps, not beside a prefill step: so
-                # right after a prefill step the decoding requests get their token before the next
-                # slice is queued (see `sliced`), and right after a slice once more (decode_first).
-                # Nothing is queued ahead while requests are held: it would run before their vision.
-                outputs = engine.step(decode_first=sliced, queue_ahead=not held)
+                outputs = engine.step()
             except Exception as exc:  # noqa: BLE001
                 # A failed step leaves no trustworthy state for its requests: end them all with the
                 # error, free their blocks, and keep serving new requests.

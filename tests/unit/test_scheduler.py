@@ -71,8 +71,8 @@ class FakeRunner:
             out.append(self.choose(seq) if last else None)
         return out
 
-    def step(self, decode_first: bool = False) -> tuple[ScheduledBatch, list[Sequence]]:
-        batch = self.scheduler.schedule(decode_first)
+    def step(self) -> tuple[ScheduledBatch, list[Sequence]]:
+        batch = self.scheduler.schedule()
         self.history.append(batch)
         if batch.is_empty:
             return batch, []
@@ -388,22 +388,6 @@ def test_alternation_keeps_decodes_flowing_during_a_long_prefill():
     assert kinds == ["prefill", "decode"] * 7 + ["prefill"]
     # The short sequence gained a token at every decode step while the prompt was prefilled.
     assert short_lengths[-1] - short_lengths[0] == 7
-    runner.drain()
-
-
-def test_decode_first_decodes_again_before_a_waiting_prompt():
-    sched, runner = make()
-    short = seq_of(range(10, 14), max_new_tokens=10)
-    sched.add(short)
-    runner.step()  # prefill
-    sched.add(seq_of(range(20, 28), max_new_tokens=2))
-    assert runner.step()[0].kind == "decode"  # alternation: after a prefill
-    assert [runner.step(decode_first=True)[0].kind for _ in range(2)] == ["decode", "decode"]
-    assert runner.step()[0].kind == "prefill"  # without it the waiting prompt goes next
-    runner.drain()
-    only = seq_of(range(30, 34), max_new_tokens=2)
-    sched.add(only)
-    assert runner.step(decode_first=True)[0].kind == "prefill"  # nothing decodes: no-op
     runner.drain()
 
 
