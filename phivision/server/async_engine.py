@@ -371,7 +371,8 @@ def _serve(engine, commands, events) -> None:
     not held up for the whole burst's vision work at once (W4's ~55 later requests: 204 ms in one go
     on an H200). The price: between two of their tokens the decoding requests now wait for a
     slice's vision work and a prefill step together. W4 on an H200 (benchmarks/RESULTS.md, seventh
-    session): mean time to first token 686 ms against 788, p99 time between tokens 156 against 126.
+    session, two runs each on one machine): mean time to first token 699 and 673 ms against 729
+    and 846, p99 time between tokens 166 and 147 ms against 121 and 132, throughput level.
     A decode step between the two, tried, kept the time between tokens but lost the gain in time to
     first token to the extra steps.
     """
