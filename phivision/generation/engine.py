@@ -272,11 +272,7 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise PromptError(f"request id {request_id!r} is already in use")
-        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
-            raise PromptError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is over the "
-                f"engine's limit of {self.max_model_len} tokens"
-            )
+        self.check_request(prompt_ids, params)
         seq = Sequence(seq_id=next(self._ids), request_id=request_id, token_ids=list(prompt_ids), params=params,
                        image_key=tuple(image_keys))
         device = self.runner.device
@@ -288,6 +284,18 @@ class Engine:
             del self._requests[request_id]
             raise
         return request_id
+
+    def check_request(self, prompt_ids: Ids[int], params: SamplingParams) -> None:
+        """Raises PromptError if `add_request` would refuse these prompt ids for their length (nothing
+        is queued): a server accepts a request on this before its turn to be queued comes."""
+        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
+            raise PromptError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is over the "
+                f"engine's limit of {self.max_model_len} tokens"
+            )
+        reason = self.scheduler.refusal(len(prompt_ids))
+        if reason is not None:
+            raise PromptError(reason)
 
     def add_prompt(self, prompt: str, images: Ids[Any], params: SamplingParams, *, num_crops: int | None = None,
                    use_image_cache: bool = True, request_id: str | None = None) -> str:

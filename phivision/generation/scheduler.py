@@ -144,21 +144,25 @@ class Scheduler:
         """Queues a new sequence. Refuses (PromptError, and marks it aborted) one that can never run."""
         if seq.status is not SequenceStatus.WAITING or seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} was already scheduled")
-        reason = None
-        if seq.num_tokens == 0:
-            reason = "the prompt is empty"
-        elif seq.num_tokens >= self.config.max_model_len:
-            reason = (f"the prompt is {seq.num_tokens} tokens long; max_model_len={self.config.max_model_len} "
-                      "leaves no room for an answer")
-        elif seq.num_blocks(self.config.block_size) > self.block_manager.num_usable_blocks:
-            reason = (f"the prompt needs {seq.num_blocks(self.config.block_size)} KV blocks but the pool has "
-                      f"{self.block_manager.num_usable_blocks}")
+        reason = self.refusal(seq.num_tokens)
         if reason is not None:
             self._finish(seq, "abort", reason)
             raise PromptError(f"request {seq.request_id}: {reason}")
         seq.arrival_index = self._next_arrival
         self._next_arrival += 1
         self.waiting.append(seq)
+
+    def refusal(self, num_tokens: int) -> str | None:
+        """Why a prompt of `num_tokens` tokens could never run here (`add` refuses it), else None."""
+        cfg = self.config
+        if num_tokens == 0:
+            return "the prompt is empty"
+        if num_tokens >= cfg.max_model_len:
+            return f"the prompt is {num_tokens} tokens long; max_model_len={cfg.max_model_len} leaves no room for an answer"
+        blocks = -(-num_tokens // cfg.block_size)
+        if blocks > self.block_manager.num_usable_blocks:
+            return f"the prompt needs {blocks} KV blocks but the pool has {self.block_manager.num_usable_blocks}"
+        return None
 
     def abort(self, request_id: str) -> bool:
         """Finishes every sequence of `request_id` at once, freeing its blocks; False if none was unfinished."""

@@ -362,19 +362,21 @@ def _serve(engine, commands, events) -> None:
     """The engine process's loop: take commands, queue prepared requests, step.
 
     New requests are prepared (images decoded, hashed and resized, prompts tokenised: CPU work) on a
-    worker thread while the loop keeps stepping the running ones. Once ready they are held in
-    arrival order and queued between two steps, with their vision-tower work, in slices: whenever
-    the engine has less than one prefill step's budget of prompt tokens left to prefill, enough held
-    requests to fill it. So a burst of requests has its vision tower run one step's worth at a
-    time, each slice just before its prefill, rather than all of it before the first prefill: the
-    first requests of the burst get their first token sooner, and the requests already decoding are
-    not held up for the whole burst's vision work at once (W4's ~55 later requests: 204 ms in one go
-    on an H200). The price: between two of their tokens the decoding requests now wait for a
-    slice's vision work and a prefill step together. W4 on an H200 (benchmarks/RESULTS.md, seventh
-    session, two runs each on one machine): mean time to first token 699 and 673 ms against 729
-    and 846, p99 time between tokens 166 and 147 ms against 121 and 132, throughput level.
-    A decode step between the two, tried, kept the time between tokens but lost the gain in time to
-    first token to the extra steps.
+    worker thread while the loop keeps stepping the running ones. Once prepared, a request is
+    accepted or refused at once (its length checked), then held in arrival order until the loop
+    queues it in the engine, between two steps, with its vision-tower work. Requests are queued in
+    slices: whenever the engine has less than one prefill step's budget of prompt tokens left to
+    prefill, enough held requests to fill it (requests whose images all sit in the feature cache
+    have no vision work to spread and go at once). So a burst of requests has its vision tower run
+    one step's worth at a time, each slice after the previous slice's prefill, rather than all of
+    it before the first prefill: the first requests of the burst get their first token sooner, and
+    the requests already decoding are not held up for the whole burst's vision work at once (W4's
+    ~55 later requests: 204 ms in one go on an H200). The price: between two of their tokens the
+    decoding requests now wait for a slice's vision work and a prefill step together. W4 on an
+    H200 (benchmarks/RESULTS.md, seventh session, two runs each on one machine): mean time to first
+    token 699 and 673 ms against 729 and 846, p99 time between tokens 166 and 147 ms against 121
+    and 132, throughput level. A decode step between the two, tried, kept the time between tokens
+    but lost the gain in time to first token to the extra steps.
     """
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import wait as wait_for
@@ -382,7 +384,7 @@ def _serve(engine, commands, events) -> None:
     from ..generation.engine import PromptRequest
 
     preparing: collections.deque = collections.deque()  # (future of prepare_prompts, its requests), oldest first
-    held: collections.deque = collections.deque()  # (request, PreparedPrompt): prepared, not queued yet
+    held: collections.deque = collections.deque()  # (request, PreparedPrompt): accepted, not queued in the engine yet
     cancelled: set[str] = set()  # aborted while still being prepared
     budget = engine.config.max_num_batched_tokens
     preparer = ThreadPoolExecutor(1, thread_name_prefix="phivision-prepare")
@@ -406,30 +408,35 @@ def _serve(engine, commands, events) -> None:
                     preparing.append((preparer.submit(engine.prepare_prompts, requests), requests))
                 elif kind == "abort":
                     request_id = command[1]
+                    held_entry = next((entry for entry in held if entry[0].request_id == request_id), None)
                     if engine.abort(request_id):
                         events.send(("aborted", request_id, _stats(engine)))
-                    elif any(request.request_id == request_id for request, _ in held):
-                        _drop_held(engine, held, request_id, events)
+                    elif held_entry is not None:
+                        held.remove(held_entry)  # its vision tower never runs
+                        events.send(("aborted", request_id, _stats(engine)))
                     elif any(request.request_id == request_id for _, requests in preparing for request in requests):
                         cancelled.add(request_id)
-            now = []  # (request, PreparedPrompt or the exception refusing it), to queue before the next step
             while preparing and preparing[0][0].done():
-                for request, item in _prepared(*preparing.popleft()):
+                for request, item in _prepared(engine, *preparing.popleft()):
+                    request_id = request.request_id
                     if isinstance(item, BaseException):
-                        now.append((request, item))  # refused: nothing to wait for
-                        cancelled.discard(request.request_id)
+                        events.send(("refused", request_id, "input" if isinstance(item, PhiVisionError) else "internal",
+                                     str(item)))
                     else:
-                        held.append((request, item))
-                        if request.request_id in cancelled:
-                            cancelled.discard(request.request_id)
-                            _drop_held(engine, held, request.request_id, events)
+                        events.send(("accepted", request_id, len(item.prompt_ids)))
+                        if request_id in cancelled:
+                            # The sequence the server knows for a request cancelled right after it started.
+                            events.send(("aborted", request_id, _stats(engine)))
+                        else:
+                            held.append((request, item))
+                    cancelled.discard(request_id)
+            now = []
             backlog = engine.scheduler.num_prefill_tokens_left
-            while held and backlog < budget:
-                request, item = held.popleft()
-                now.append((request, item))
-                backlog += len(item.prompt_ids)
+            while held and (backlog < budget or not _needs_vision(engine, held[0][1])):
+                now.append(held.popleft())
+                backlog += len(now[-1][1].prompt_ids)
             if now:
-                _add_prepared(engine, now, events)
+                _queue(engine, now, events)
             if not engine.has_unfinished():
                 events.send(("stats", _stats(engine)))
                 continue
@@ -453,38 +460,41 @@ def _serve(engine, commands, events) -> None:
         preparer.shutdown(wait=False, cancel_futures=True)
 
 
-def _prepared(future, requests: list) -> list[tuple[Any, Any]]:
-    """(request, PreparedPrompt or the exception that refuses it) for each of a finished preparation's requests."""
+def _prepared(engine, future, requests: list) -> list[tuple[Any, Any]]:
+    """(request, PreparedPrompt or the exception that refuses it) for each of a finished
+    preparation's requests, lengths checked against the engine's limits."""
     try:
-        return list(zip(requests, future.result()))
+        results = future.result()
     except Exception as exc:  # noqa: BLE001 - a bug in preparation: refuse its requests, keep serving
         traceback.print_exc()
         return [(request, RuntimeError(f"could not prepare the request: {exc}")) for request in requests]
+    checked = []
+    for request, item in zip(requests, results):
+        if not isinstance(item, BaseException):
+            try:
+                engine.check_request(item.prompt_ids, request.params)
+            except PhiVisionError as exc:
+                item = exc
+        checked.append((request, item))
+    return checked
 
 
-def _drop_held(engine, held: collections.deque, request_id: str, events) -> None:
-    """Ends a request cancelled before it was queued: accepted and aborted at once (what the server
-    expects of a request cancelled right after it started), its vision tower never run."""
-    entry = next(entry for entry in held if entry[0].request_id == request_id)
-    held.remove(entry)
-    events.send(("accepted", request_id, len(entry[1].prompt_ids)))
-    events.send(("aborted", request_id, _stats(engine)))
+def _needs_vision(engine, item) -> bool:
+    """Whether queueing this prepared request runs the vision tower (an image not in the feature cache)."""
+    return any(key not in engine.image_cache for key in item.image_keys)
 
 
-def _add_prepared(engine, entries: list[tuple[Any, Any]], events) -> None:
-    """Queues prepared requests (one vision-tower batch per crop count) and reports each verdict."""
-    requests = [request for request, _ in entries]
+def _queue(engine, entries: list[tuple[Any, Any]], events) -> None:
+    """Queues accepted requests in the engine (their vision tower runs here, one batch per crop
+    count); one that fails now (the vision tower out of memory, say) ends at once with the error."""
     try:
         results: list[Any] = engine.add_prepared([item for _, item in entries])
-    except Exception as exc:  # noqa: BLE001 - a bug: refuse them all, and none may run unreported
+    except Exception as exc:  # noqa: BLE001 - a bug: end them all, and none may run unreported
         traceback.print_exc()
-        for request in requests:
+        for request, _ in entries:
             engine.abort(request.request_id)
-        results = [RuntimeError(f"could not start the request: {exc}")] * len(requests)
-    for request, result in zip(requests, results):
-        if isinstance(result, PhiVisionError):
-            events.send(("refused", request.request_id, "input", str(result)))
-        elif isinstance(result, BaseException):
-            events.send(("refused", request.request_id, "internal", str(result)))
-        else:
-            events.send(("accepted", result, engine.request_info(result).num_prompt_tokens))
+        results = [RuntimeError(f"could not start the request: {exc}")] * len(entries)
+    failed = [(request.request_id, None, True, "abort", str(result), None)
+              for (request, _), result in zip(entries, results) if isinstance(result, BaseException)]
+    if failed:
+        events.send(("outputs", failed, _stats(engine)))

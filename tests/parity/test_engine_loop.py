@@ -1,8 +1,9 @@
 """The engine process's loop (server/async_engine._serve), run on a thread with in-process pipes:
 requests are prepared beside the steps, and one aborted while still being prepared is accepted and
 aborted at once (what the server expects of a request cancelled right after it started), while the
-other request of its batch runs to the end; a burst of requests is queued in slices of one prefill
-step's budget, each slice's vision tower run just before its prefill."""
+other request of its batch runs to the end; a burst of requests is accepted at once and queued in
+slices of one prefill step's budget, each slice (its vision tower run) after the previous slice's
+prefill, except requests whose images are cached; a failing slice ends only its own requests."""
 
 from __future__ import annotations
 
@@ -95,14 +96,16 @@ def test_abort_while_preparing_and_a_normal_request(engine, tiny_manifest, proce
 def test_a_burst_is_queued_in_slices_of_one_prefill_step(parts, tiny_manifest, processor_golden, monkeypatch):
     """Six image requests in one message, a step budget of two prompts: they are queued
     (their vision tower run) a step's worth at a time, each slice only once the engine has less
-    than a step's budget left to prefill, so the first ones get their first token before the last
-    ones are queued; every request gets the golden tokens."""
+    than a step's budget left to prefill, so the first ones are prefilled before the last ones are
+    queued; all are accepted at once; every request gets the golden tokens."""
     case = next(c for c in tiny_manifest["cases"] if len(c["images"]) == 1 and c["num_crops"] == 4)
     length = len(case["expected"]["input_ids"])
     budget = 2 * length  # each slice is then exactly one prefill step: the queue is empty after it
+    # No feature cache: each request's vision work counts, as for W4's 64 different images (here one
+    # image six times, which the cache would hold after the first slice).
     engine = Engine(*parts, EngineConfig(max_num_seqs=8, block_size=16, kv_cache_tokens=8192,
                                          max_num_batched_tokens=budget, prefill_chunk_size=4096,
-                                         enable_prefix_caching=False))
+                                         enable_prefix_caching=False, image_cache_entries=0))
     image = (processor_golden / case["images"][0]).read_bytes()
     new_tokens = len(case["expected"]["greedy_new_tokens"])
     params = SamplingParams(max_new_tokens=new_tokens)
@@ -143,10 +146,9 @@ def test_a_burst_is_queued_in_slices_of_one_prefill_step(parts, tiny_manifest, p
     at = [i for i, kind in enumerate(kinds) if kind == "add"]
     assert kinds[:2] == ["add", "prefill"]
     assert all(kinds[a:b].count("prefill") == 1 for a, b in zip(at, at[1:])), kinds
-    names = [m[0] if m[0] != "outputs" else ("token", [o[0] for o in m[1] if o[1] is not None]) for m in seen]
-    first_token = next(i for i, m in enumerate(seen) if m[0] == "outputs" and any(o[0] == "r0" and o[1] is not None for o in m[1]))
-    last_accepted = next(i for i, m in enumerate(seen) if m[0] == "accepted" and m[1] == "r5")
-    assert first_token < last_accepted, names
+    # Acceptance does not wait for the slice: all six are accepted before any token comes.
+    first_output = next(i for i, m in enumerate(seen) if m[0] == "outputs")
+    assert [m[1] for m in seen[:first_output] if m[0] == "accepted"] == ids
     assert not engine.has_unfinished()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
 
@@ -189,3 +191,60 @@ def test_a_request_cancelled_while_held_is_never_queued(parts, tiny_manifest, pr
     finished = [o[0] for m in seen if m[0] == "outputs" for o in m[1] if o[2]]
     assert sorted(finished) == ids[:5]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+
+
+def _burst(parts, tiny_manifest, processor_golden, monkeypatch, *, fail_first_slice=False, **config):
+    """Runs six requests of one image through the loop (budget: two prompts); returns the engine,
+    the ids queued by each add_prepared call and the messages seen until all six have ended."""
+    case = next(c for c in tiny_manifest["cases"] if len(c["images"]) == 1 and c["num_crops"] == 4)
+    length = len(case["expected"]["input_ids"])
+    engine = Engine(*parts, EngineConfig(max_num_seqs=8, block_size=16, kv_cache_tokens=8192,
+                                         max_num_batched_tokens=2 * length, prefill_chunk_size=4096, **config))
+    image = (processor_golden / case["images"][0]).read_bytes()
+    params = SamplingParams(max_new_tokens=len(case["expected"]["greedy_new_tokens"]))
+    real_add, queued = engine.add_prepared, []
+
+    def spy_add(prepared):
+        queued.append([item.request.request_id for item in prepared])
+        if fail_first_slice and len(queued) == 1:
+            return [RuntimeError("could not run the vision tower: out of memory")] * len(prepared)
+        return real_add(prepared)
+
+    monkeypatch.setattr(engine, "add_prepared", spy_add)
+    loop, server_commands, server_events = _start(engine)
+    try:
+        server_commands.send(("add", [(f"r{i}", case["prompt"], [image], params, case["num_crops"]) for i in range(6)]))
+        seen = _events_until(server_events, lambda m, s: sum(o[2] for x in s if x[0] == "outputs" for o in x[1]) == 6,
+                             timeout=20)
+    finally:
+        server_commands.send(("stop",))
+        loop.join(30)
+    tokens = {f"r{i}": [o[1] for m in seen if m[0] == "outputs" for o in m[1] if o[0] == f"r{i}" and o[1] is not None]
+              for i in range(6)}
+    assert all(tokens[rid] == case["expected"]["greedy_new_tokens"] for rid in tokens if rid not in queued[0] or
+               not fail_first_slice), tokens
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    return engine, queued, seen
+
+
+def test_requests_whose_images_are_cached_are_queued_at_once(parts, tiny_manifest, processor_golden, monkeypatch):
+    """One image six times, feature cache and prefix cache on: once the first slice has put the
+    image's features in the cache, the other requests have no vision work to spread and are all
+    queued at once (prefilled mostly from the prefix cache, in one step), not a step's worth at a
+    time."""
+    engine, queued, seen = _burst(parts, tiny_manifest, processor_golden, monkeypatch)
+    assert queued == [["r0", "r1"], ["r2", "r3", "r4", "r5"]]
+    assert [m[1] for m in seen if m[0] == "accepted"] == [f"r{i}" for i in range(6)]
+
+
+def test_a_slice_that_fails_ends_its_requests_and_the_next_slice_goes_on(parts, tiny_manifest, processor_golden,
+                                                                         monkeypatch):
+    """The first slice fails as a whole (its vision tower out of memory) while nothing else runs:
+    its requests, already accepted, end at once with the error, and the loop goes on to queue the
+    others without waiting for another message."""
+    engine, queued, seen = _burst(parts, tiny_manifest, processor_golden, monkeypatch, fail_first_slice=True,
+                                  image_cache_entries=0)
+    assert queued[0] == ["r0", "r1"] and len(queued) == 3
+    ends = {o[0]: o for m in seen if m[0] == "outputs" for o in m[1] if o[2]}
+    assert [ends[rid][3:5] for rid in ("r0", "r1")] == [("abort", "could not run the vision tower: out of memory")] * 2
+    assert all(ends[f"r{i}"][3] != "abort" for i in range(2, 6))
