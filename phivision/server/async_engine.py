@@ -408,11 +408,10 @@ def _serve(engine, commands, events) -> None:
                     preparing.append((preparer.submit(engine.prepare_prompts, requests), requests))
                 elif kind == "abort":
                     request_id = command[1]
-                    held_entry = next((entry for entry in held if entry[0].request_id == request_id), None)
                     if engine.abort(request_id):
                         events.send(("aborted", request_id, _stats(engine)))
-                    elif held_entry is not None:
-                        held.remove(held_entry)  # its vision tower never runs
+                    elif (entry := next((e for e in held if e[0].request_id == request_id), None)) is not None:
+                        held.remove(entry)  # its vision tower never runs
                         events.send(("aborted", request_id, _stats(engine)))
                     elif any(request.request_id == request_id for _, requests in preparing for request in requests):
                         cancelled.add(request_id)
