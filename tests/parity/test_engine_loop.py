@@ -248,3 +248,31 @@ def test_a_slice_that_fails_ends_its_requests_and_the_next_slice_goes_on(parts, 
     ends = {o[0]: o for m in seen if m[0] == "outputs" for o in m[1] if o[2]}
     assert [ends[rid][3:5] for rid in ("r0", "r1")] == [("abort", "could not run the vision tower: out of memory")] * 2
     assert all(ends[f"r{i}"][3] != "abort" for i in range(2, 6))
+
+
+def test_a_prompt_the_pool_can_never_hold_is_refused_before_it_is_held(parts, tiny_manifest, processor_golden,
+                                                                        monkeypatch):
+    """Refused for its length as soon as it is prepared (an input error, which the server answers
+    with 400), never queued in the engine or run through the vision tower."""
+    case = next(c for c in tiny_manifest["cases"] if len(c["images"]) == 1 and c["num_crops"] == 4)
+    length = len(case["expected"]["input_ids"])
+    engine = Engine(*parts, EngineConfig(max_num_seqs=4, block_size=16, kv_cache_tokens=length // 2))
+    real_add, queued = engine.add_prepared, []
+
+    def spy_add(prepared):
+        queued.append(prepared)
+        return real_add(prepared)
+
+    monkeypatch.setattr(engine, "add_prepared", spy_add)
+    image = (processor_golden / case["images"][0]).read_bytes()
+    loop, server_commands, server_events = _start(engine)
+    try:
+        server_commands.send(("add", [("big", case["prompt"], [image], SamplingParams(max_new_tokens=4),
+                                       case["num_crops"])]))
+        seen = _events_until(server_events, lambda m, _: m[0] in ("accepted", "refused"), timeout=20)
+    finally:
+        server_commands.send(("stop",))
+        loop.join(30)
+    refused = seen[-1]
+    assert refused[:3] == ("refused", "big", "input") and "KV blocks" in refused[3], refused
+    assert queued == []
