@@ -64,8 +64,8 @@ class ServerMetrics:
 
         waiting, running = stats.get("waiting", 0), stats.get("running", 0)
         lines: list[str] = []
-        # Requests on their way to the engine count as waiting too.
-        lines += metric("phivision_requests_waiting", "gauge", "Requests waiting for admission (KV memory or a batch slot).",
+        # Requests on their way to the engine (being prepared, or held for their slice) count as waiting too.
+        lines += metric("phivision_requests_waiting", "gauge", "Requests waiting for admission (KV memory, a batch slot, or their slice of the vision tower).",
                         waiting + max(0, engine.num_unfinished - waiting - running))
         lines += metric("phivision_requests_running", "gauge", "Requests being prefilled or decoded.", running)
         lines += metric("phivision_kv_cache_usage_ratio", "gauge", "Fraction of KV cache blocks held by requests.",

@@ -159,11 +159,15 @@ def test_tokenize_reads_headers_and_a_completion_checks_the_whole_image(server):
 
 def test_health_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    before = server.metrics()["phivision_generation_tokens_total"]
+    client = openai.OpenAI(base_url=server.api, api_key="x", max_retries=0, timeout=300)
+    answer = client.chat.completions.create(model=server.model, messages=varied_requests(1)[0], max_tokens=5,
+                                            temperature=0, extra_body={"ignore_eos": True})
     text = httpx.get(server.url + "/metrics").text
     for name in ("phivision_requests_waiting", "phivision_requests_running", "phivision_kv_cache_usage_ratio",
                  "phivision_generation_tokens_per_second", "phivision_time_to_first_token_seconds_bucket"):
         assert name in text
-    assert server.metrics()["phivision_generation_tokens_total"] > 0
+    assert server.metrics()["phivision_generation_tokens_total"] - before == answer.usage.completion_tokens == 5
 
 
 # ------------------------------------------------------------------ bad input, each with its status
