@@ -287,11 +287,12 @@ class Engine:
 
     def check_request(self, prompt_ids: Ids[int], params: SamplingParams) -> None:
         """Raises PromptError if `add_request` would refuse these prompt ids for their length (nothing
-        is queued): a server accepts a request on this before its turn to be queued comes."""
+        is queued). `prepare_prompts` checks with it, so a prepared request is accepted or refused
+        before its vision tower runs or its turn to be queued comes."""
         if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
             raise PromptError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is over the "
-                f"engine's limit of {self.max_model_len} tokens"
+                f"the prompt ({len(prompt_ids)} tokens, images included) plus max_new_tokens "
+                f"({params.max_new_tokens}) is over the engine's limit of {self.max_model_len} tokens"
             )
         reason = self.scheduler.refusal(len(prompt_ids))
         if reason is not None:
@@ -377,11 +378,7 @@ class Engine:
                 crops = crops_of[index]
                 num_tokens = [num_image_tokens_for_size(*image_size(image), crops) for image in images]
                 ids = tokenize_prompt(self.tokenizer, request.prompt, num_tokens)
-                if len(ids) + request.params.max_new_tokens > self.max_model_len:
-                    raise PromptError(
-                        f"the prompt ({len(ids)} tokens, images included) plus max_new_tokens "
-                        f"({request.params.max_new_tokens}) is over the engine's limit of {self.max_model_len} tokens"
-                    )
+                self.check_request(ids, request.params)
                 results[index] = PreparedPrompt(request, images, [key for _, key, _ in per_request[index]], ids, crops,
                                                 loaded_s, started, [pixels for _, _, pixels in per_request[index]])
             except PhiVisionError as exc:

@@ -416,7 +416,7 @@ def _serve(engine, commands, events) -> None:
                     elif any(request.request_id == request_id for _, requests in preparing for request in requests):
                         cancelled.add(request_id)
             while preparing and preparing[0][0].done():
-                for request, item in _prepared(engine, *preparing.popleft()):
+                for request, item in _prepared(*preparing.popleft()):
                     request_id = request.request_id
                     if isinstance(item, BaseException):
                         events.send(("refused", request_id, "input" if isinstance(item, PhiVisionError) else "internal",
@@ -459,23 +459,14 @@ def _serve(engine, commands, events) -> None:
         preparer.shutdown(wait=False, cancel_futures=True)
 
 
-def _prepared(engine, future, requests: list) -> list[tuple[Any, Any]]:
+def _prepared(future, requests: list) -> list[tuple[Any, Any]]:
     """(request, PreparedPrompt or the exception that refuses it) for each of a finished
-    preparation's requests, lengths checked against the engine's limits."""
+    preparation's requests (`Engine.prepare_prompts` has checked their lengths)."""
     try:
-        results = future.result()
+        return list(zip(requests, future.result()))
     except Exception as exc:  # noqa: BLE001 - a bug in preparation: refuse its requests, keep serving
         traceback.print_exc()
         return [(request, RuntimeError(f"could not prepare the request: {exc}")) for request in requests]
-    checked = []
-    for request, item in zip(requests, results):
-        if not isinstance(item, BaseException):
-            try:
-                engine.check_request(item.prompt_ids, request.params)
-            except PhiVisionError as exc:
-                item = exc
-        checked.append((request, item))
-    return checked
 
 
 def _needs_vision(engine, item) -> bool:
