@@ -16,6 +16,7 @@ CLIPVisionModel with the same shapes, sdpa, `generate` with its default cache).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import statistics
@@ -29,6 +30,7 @@ from PIL import Image
 
 from phivision.generation.engine import Engine, EngineConfig
 from phivision.generation.sampling import SamplingParams
+from phivision.processing import png
 from phivision.processing.prompt import Processor
 from phivision.weights import load_model
 
@@ -286,6 +288,20 @@ def run_baseline(config: dict, processor: Processor, names: list[str]) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def switched_off(switch: str):
+    """A switch of `--ab-off` turned off: pywuffs hidden from png.py (libspng decodes the PNGs), or
+    the EngineConfig keyword to pass."""
+    if switch != "pywuffs":
+        yield {switch: False}
+        return
+    saved, png.pywuffs = png.pywuffs, None
+    try:
+        yield {}
+    finally:
+        png.pywuffs = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="phivision batch-1 latency benchmark (W1-W3)")
     parser.add_argument("--out", type=Path, default=None)
@@ -295,8 +311,9 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="max_num_batched_tokens and prefill_chunk_size of our engine (default: EngineConfig's)")
     parser.add_argument("--ab-off", default="",
-                        help="comma-separated EngineConfig switches (lookahead_decode, cudnn_prefill): also run each "
-                             "workload with each one off, before it (keys no_<switch>)")
+                        help="comma-separated EngineConfig switches (lookahead_decode, cudnn_prefill), or pywuffs (PNGs "
+                             "decoded by libspng instead of Wuffs): also run each workload with each one off, before it "
+                             "(keys no_<switch>)")
     args = parser.parse_args()
     names = args.workloads.split(",")
     config = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
@@ -313,8 +330,9 @@ def main() -> None:
         floors_out = {}
         for name in names:
             for switch in filter(None, args.ab_off.split(",")):
-                report.setdefault(f"no_{switch}", {})[name] = off = run_ours(model, processor, name, args.prefill_chunk,
-                                                                             **{switch: False})
+                with switched_off(switch) as engine_switch:
+                    report.setdefault(f"no_{switch}", {})[name] = off = run_ours(model, processor, name, args.prefill_chunk,
+                                                                                 **engine_switch)
                 print(f"ours {name}, {switch} off: ttft {off['ttft_ms']:.1f} ms, decode {off['decode_tok_s']:.1f} tok/s",
                       flush=True)
             report[name] = run_ours(model, processor, name, args.prefill_chunk)

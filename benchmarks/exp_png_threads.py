@@ -8,8 +8,9 @@ on a pool of min(n, 16) threads, through
 - Pillow (`load_image_or_pixels(fast_png=False)` then `staged_rgb`),
 - pyspng (libspng; holds the GIL),
 - imagecodecs' libspng (releases the GIL), then a copy to pinned memory,
-- imagecodecs' libspng decoding straight into a pinned buffer (`out=`).
-Medians of 9 after a warm-up. Needs torch (pinned memory), Pillow, pyspng and imagecodecs.
+- imagecodecs' libspng decoding straight into a pinned buffer (`out=`),
+- Wuffs (pywuffs, releases the GIL), then a copy to pinned memory.
+Medians of 9 after a warm-up. Needs torch (pinned memory), Pillow, pyspng, imagecodecs and pywuffs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_latency import make_png  # noqa: E402
 
+from phivision.processing import png  # noqa: E402
 from phivision.processing.image import staged_rgb  # noqa: E402
 from phivision.processing.loading import load_image_or_pixels  # noqa: E402
 
@@ -43,6 +45,7 @@ def pinned_copy(pixels: np.ndarray) -> torch.Tensor:
 def main() -> None:
     import imagecodecs
     import pyspng
+    import pywuffs  # noqa: F401 - png.py's Wuffs decoder needs it
 
     pin = torch.cuda.is_available()
     print("cpus", os.cpu_count(), "imagecodecs", imagecodecs.__version__, "pinned", pin)
@@ -60,6 +63,7 @@ def main() -> None:
             "pyspng": lambda d, s: pinned_copy(pyspng.load(d)),
             "imagecodecs": lambda d, s: pinned_copy(imagecodecs.spng_decode(d)),
             "imagecodecs out=": ic_into,
+            "pywuffs": lambda d, s: pinned_copy(png._wuffs_decoder(2)(d)),
         }
         reference = [staged_rgb(load_image_or_pixels(d, fast_png=False), pin_memory=False).numpy() for d in datas]
         row = []

@@ -1,5 +1,5 @@
-"""The libspng path for PNGs (processing/png.py): the same pixels as Pillow, or no answer at all,
-through each binding (pyspng, imagecodecs) on its own."""
+"""The fast path for PNGs (processing/png.py): the same pixels as Pillow, or no answer at all,
+through each binding (pywuffs, pyspng, imagecodecs) on its own."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from phivision.processing.image import preprocess_image, staged_rgb
 from phivision.processing.image import image_size
 from phivision.processing.loading import load_image, load_image_or_pixels
 
-BINDINGS = ("pyspng", "imagecodecs")
+BINDINGS = ("pywuffs", "pyspng", "imagecodecs")
 
 
 @pytest.fixture(params=BINDINGS)
 def binding(request, monkeypatch) -> str:
-    """Only this libspng binding installed, as far as png.py can tell (the other hidden)."""
+    """Only this binding installed, as far as png.py can tell (the others hidden)."""
     name = request.param
     if getattr(png, name) is None:
         pytest.skip(f"{name} is not installed (pip install 'phivision[fast]')")
@@ -99,8 +99,9 @@ def test_ancillary_chunks_change_nothing(binding):
                        (b"tRNS", struct.pack(">HHH", 1, 2, 3))]:
         marked = with_chunk(data, kind, body)
         pixels = load_image_or_pixels(marked)
-        assert isinstance(pixels, np.ndarray), kind
-        assert np.array_equal(pixels, pillow_rgb(marked)), kind
+        # A tRNS key is the one chunk Wuffs would act on: such files go to Pillow when it is alone.
+        assert isinstance(pixels, np.ndarray) != (binding == "pywuffs" and kind == b"tRNS"), kind
+        assert np.array_equal(np.asarray(pixels), pillow_rgb(marked)), kind
         assert np.array_equal(np.asarray(load_image(marked).convert("RGB")), pillow_rgb(marked)), kind
 
 
@@ -173,8 +174,8 @@ def test_without_a_binding_pillow_decodes_everything(monkeypatch):
 
 
 def test_side_by_side_decoding_only_through_a_binding_that_releases_the_gil(binding):
-    """pyspng holds the GIL, so several images on threads go to Pillow instead; imagecodecs serves
-    both cases."""
+    """pyspng holds the GIL, so several images on threads go to Pillow instead; pywuffs and
+    imagecodecs serve both cases."""
     data = encode(picture(50, 40, 3))
     pixels = load_image_or_pixels(data, side_by_side=True)
     if binding == "pyspng":
@@ -182,19 +183,67 @@ def test_side_by_side_decoding_only_through_a_binding_that_releases_the_gil(bind
     else:
         assert isinstance(pixels, np.ndarray) and png.available(side_by_side=True)
     assert np.array_equal(np.asarray(pixels), pillow_rgb(data))
-    assert isinstance(load_image_or_pixels(data), np.ndarray)  # a lone image: either binding
+    assert isinstance(load_image_or_pixels(data), np.ndarray)  # a lone image: any binding
 
 
-def test_a_lone_image_prefers_pyspng(monkeypatch):
-    """pyspng decodes one image faster than imagecodecs (5.2 against 7.0 ms for W1's PNG and its
-    staging on an H200's host); with both installed, it is the one a lone image goes to."""
-    if png.pyspng is None or png.imagecodecs is None:
-        pytest.skip("needs both pyspng and imagecodecs")
-    calls = []
-    monkeypatch.setattr(png.pyspng, "load", lambda data, load=png.pyspng.load: calls.append("pyspng") or load(data))
+def spy(monkeypatch, calls: list[str]) -> None:
+    """Record which installed binding decodes each file."""
+    if png.pywuffs is not None:
+        decoder = png.pywuffs.aux.ImageDecoder
+
+        def wuffs(config):
+            calls.append("pywuffs")
+            return decoder(config)
+        monkeypatch.setattr(png.pywuffs.aux, "ImageDecoder", wuffs)
+    if png.pyspng is not None:
+        monkeypatch.setattr(png.pyspng, "load", lambda data, load=png.pyspng.load: calls.append("pyspng") or load(data))
+    if png.imagecodecs is not None:
+        monkeypatch.setattr(png.imagecodecs, "spng_decode",
+                            lambda data, decode=png.imagecodecs.spng_decode: calls.append("imagecodecs") or decode(data))
+
+
+def test_the_fastest_binding_is_preferred(monkeypatch):
+    """pywuffs decodes fastest, alone or side by side (W1's PNG in 2.3 ms against pyspng's 3.2 on a
+    2-core machine); without it, pyspng takes a lone image (5.2 against imagecodecs' 7.0 ms for W1's
+    PNG and its staging on an H200's host) and imagecodecs several."""
+    if None in (png.pywuffs, png.pyspng, png.imagecodecs):
+        pytest.skip("needs pywuffs, pyspng and imagecodecs")
+    calls: list[str] = []
+    spy(monkeypatch, calls)
     data = encode(picture(50, 40, 3))
-    assert isinstance(load_image_or_pixels(data), np.ndarray) and calls == ["pyspng"]
-    assert isinstance(load_image_or_pixels(data, side_by_side=True), np.ndarray) and calls == ["pyspng"]
+    assert isinstance(load_image_or_pixels(data), np.ndarray)
+    assert isinstance(load_image_or_pixels(data, side_by_side=True), np.ndarray)
+    assert calls == ["pywuffs", "pywuffs"]
+    monkeypatch.setattr(png, "pywuffs", None)
+    calls.clear()
+    assert isinstance(load_image_or_pixels(data), np.ndarray)
+    assert isinstance(load_image_or_pixels(data, side_by_side=True), np.ndarray)
+    assert calls == ["pyspng", "imagecodecs"]
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_trns_key_never_reaches_wuffs(monkeypatch, alone):
+    """Wuffs, asked for RGB, paints the pixels matching an RGB file's tRNS key black; Pillow's RGB
+    keeps them. Such files go to libspng, or to Pillow when pywuffs is the only binding."""
+    if png.pywuffs is None:
+        pytest.skip("pywuffs is not installed (pip install 'phivision[fast]')")
+    array = picture(40, 30, 3)
+    array[:10, :10] = (10, 20, 30)
+    data = encode(array, transparency=(10, 20, 30))
+    assert b"tRNS" in data
+    if alone:
+        for other in BINDINGS[1:]:
+            monkeypatch.setattr(png, other, None)
+    calls: list[str] = []
+    spy(monkeypatch, calls)
+    for side_by_side in (False, True):
+        decoded = load_image_or_pixels(data, side_by_side=side_by_side)
+        assert np.array_equal(np.asarray(decoded.convert("RGB") if isinstance(decoded, Image.Image) else decoded), array)
+        assert isinstance(decoded, Image.Image) == (alone or (side_by_side and png.imagecodecs is None))
+    assert "pywuffs" not in calls
+    # Without the key the same pixels are Wuffs' to decode, and come out the same.
+    plain = encode(array)
+    assert np.array_equal(load_image_or_pixels(plain), array) and "pywuffs" in calls
 
 
 def test_fast_png_off_leaves_the_file_to_pillow(binding):
