@@ -124,10 +124,10 @@ def _chunk_kinds(data: bytes) -> set[bytes] | None:
     its CRC, and none is an animation's.
 
     libspng as pyspng drives it checks neither the chunk CRCs nor zlib's checksum of the pixel
-    stream (nor are imagecodecs and Wuffs relied on to; Wuffs stops reading at the last row), so
-    damaged data would decode into wrong pixels where Pillow (which checks the latter) refuses the
-    file. Checking the CRCs here (microseconds for
-    W1's 14 KB) sends damaged files to Pillow and its error. An animation control chunk (acTL)
+    stream (nor are imagecodecs and Wuffs relied on to: Wuffs returned the pixels of a file whose
+    zlib checksum was wrong), so damaged data would decode into wrong pixels where Pillow (which
+    checks the latter) refuses the file. Checking the CRCs here (microseconds for W1's 14 KB) sends
+    damaged files to Pillow and its error. An animation control chunk (acTL)
     sends APNGs to Pillow, which knows their frames.
     """
     view = memoryview(data)
