@@ -43,29 +43,30 @@ def load_image(source: Any, *, allow_urls: bool = False, max_pixels: int | None 
     """Decode `source` into a fully loaded PIL image (mode kept as stored: RGB, L, RGBA, P, ...).
 
     max_pixels: refuse images with more pixels than this (checked before decoding); None = only
-    PIL's own limit. fast_png: 8-bit RGB/RGBA PNGs through libspng when a binding is installed
-    (`png.py`: the same pixels, faster). side_by_side: the caller decodes several images on threads
-    at once, so only a binding that releases the GIL is used (imagecodecs; else Pillow, which does).
+    PIL's own limit. fast_png: 8-bit RGB/RGBA PNGs through Wuffs or libspng when a binding is
+    installed (`png.py`: the same pixels, faster). side_by_side: the caller decodes several images
+    on threads at once, so only a binding that releases the GIL is used (pywuffs or imagecodecs;
+    else Pillow, which does).
     """
     if isinstance(source, Image.Image):
         return _check_loaded(source, "<PIL image>", max_pixels)
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
     decoded = _load_encoded(source, allow_urls, max_pixels, fast_png, side_by_side)
-    # libspng's array as the PIL image Pillow would have made ("RGB" / "RGBA").
+    # The fast decoder's array as the PIL image Pillow would have made ("RGB" / "RGBA").
     return Image.fromarray(decoded) if isinstance(decoded, np.ndarray) else decoded
 
 
 def load_image_or_pixels(source: Any, *, allow_urls: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                          fast_png: bool = True, side_by_side: bool = False) -> Image.Image | np.ndarray:
-    """`load_image(source)`, except that an image libspng decoded comes as its RGB pixels, an
-    (H, W, 3) uint8 array (possibly a strided view), with no PIL image made: what the GPU engine
-    wants, which copies the pixels to pinned memory (`image.staged_rgb`), and which the
+    """`load_image(source)`, except that an image the fast decoder (`png.py`) decoded comes as its
+    RGB pixels, an (H, W, 3) uint8 array (possibly a strided view), with no PIL image made: what the
+    GPU engine wants, which copies the pixels to pinned memory (`image.staged_rgb`), and which the
     preprocessing functions take as well as PIL images.
 
     On an H200's host, W1's 1344x1344 PNG took 18.0 ms through Pillow plus 3.2 ms to stage its
-    pixels, and 6.4 plus 0.7 ms this way (benchmarks/exp_new_lengths.py). Making a PIL image of
-    libspng's array costs ~2 ms more on a 2-core machine (too little to see on the H200's host).
+    pixels, and 6.4 plus 0.7 ms this way through libspng (benchmarks/exp_new_lengths.py). Making a
+    PIL image of the array costs ~2 ms more on a 2-core machine (too little to see on the H200's host).
     """
     if isinstance(source, (Image.Image, np.ndarray)):
         return load_image(source, allow_urls=allow_urls, max_pixels=max_pixels)
@@ -75,7 +76,7 @@ def load_image_or_pixels(source: Any, *, allow_urls: bool = False, max_pixels: i
 
 def _load_encoded(source: Any, allow_urls: bool, max_pixels: int | None, fast_png: bool,
                   side_by_side: bool) -> Image.Image | np.ndarray:
-    """An encoded source decoded whole: libspng's (H, W, 3 or 4) array, or a loaded PIL image."""
+    """An encoded source decoded whole: the fast decoder's (H, W, 3 or 4) array, or a loaded PIL image."""
     data, description = _read_source(source, allow_urls)
     image = _open(data, description, max_pixels)
     use_spng = fast_png and image.format == "PNG"

@@ -8,9 +8,11 @@ staging its RGB pixels took 2.0 and 3.2 ms more (Pillow keeps RGB as four bytes 
 libspng, 6.2-6.4 ms and 0.5-0.7 ms (benchmarks/exp_new_lengths.py).
 
 The bindings differ where it matters:
-- pywuffs (Google's Wuffs) is the fastest and releases the GIL: on a 2-core machine, W1's PNG in
-  2.3 ms against pyspng's 3.2 and imagecodecs' 4.9, a W2 frame in 1.5 against 2.1 and 2.9
-  (benchmarks/exp_png_threads.py has the device's figures). It serves both cases when installed.
+- pywuffs (Google's Wuffs) is the fastest and releases the GIL. On an H200's 16-core host, with
+  the staging in pinned memory (benchmarks/exp_png_threads.py): W1's PNG in 3.8 ms against
+  pyspng's 6.7 and imagecodecs' 8.7; W2's eight frames side by side in 3.7 against imagecodecs'
+  6.4; a W4 burst of 64 small images in 19.3 against 17.5, about even. It serves both cases when
+  installed.
 - pyspng is the faster libspng binding for one image (W1's PNG and its staging: 5.2 ms against
   imagecodecs' 7.0 on an H200's 16-core host), but it holds the GIL while it decodes, so images on
   several threads decode one after another: W2's eight frames took 32.0 ms through it, 17.3
