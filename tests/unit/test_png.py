@@ -133,6 +133,28 @@ def test_palette_and_animated_pngs_are_left_to_pillow():
     assert isinstance(image, Image.Image) and np.array_equal(np.asarray(image.convert("RGB")), np.asarray(frames[0]))
 
 
+def interlaced(array: np.ndarray) -> bytes:
+    """An Adam7-interlaced PNG of an 8-bit RGB / RGBA array (Pillow writes no interlaced files):
+    seven passes of sub-images, every row unfiltered, in one zlib stream."""
+    height, width, channels = array.shape
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    raw = b"".join(b"\x00" + row.tobytes() for x0, y0, dx, dy in passes
+                   for row in array[y0::dy, x0::dx] if array[y0::dy, x0::dx].size)
+    header = struct.pack(">IIBBBBB", width, height, 8, {3: 2, 4: 6}[channels], 0, 0, 1)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_interlaced_pngs_give_pillows_pixels(binding, channels):
+    for size in [(1, 1), (5, 3), (37, 23), (300, 200)]:
+        array = picture(*size, channels, seed=size[0])
+        data = interlaced(array)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), array)  # the file is what we meant
+        pixels = load_image_or_pixels(data)
+        assert isinstance(pixels, np.ndarray), size
+        assert np.array_equal(pixels, pillow_rgb(data)), size
+
+
 def test_corrupt_and_truncated_pngs_get_pillows_errors(binding):
     data = encode(np.random.default_rng(1).integers(0, 256, size=(200, 300, 3), dtype=np.uint8))
     with pytest.raises(ImageLoadError, match="truncated"):
