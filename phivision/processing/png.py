@@ -103,7 +103,7 @@ def decode_truecolour(data: bytes, size: tuple[int, int], *, side_by_side: bool 
     channels = _TRUECOLOUR.get(colour_type)
     if bit_depth != 8 or channels is None:
         return None
-    if _decoder(side_by_side, colour_type=colour_type) is None:
+    if not available(side_by_side):
         return None  # no binding for this case: spare the chunk walk
     kinds = _chunk_kinds(data)
     if kinds is None:
