@@ -1,6 +1,6 @@
 """Experiment: the CLIP vision tower eager vs captured in a CUDA graph, per crop count and SDPA backend.
 
-    python benchmarks/exp_vision_graph.py --model CKPT_DIR [--crops 5 17 40 160] [--out FILE]
+    python benchmarks/exp_vision_graph.py --model CKPT_DIR [--crops 5 17 40 160] [--backends default ...] [--out FILE]
 
 For each crop count: the eager tower's wall time and its GPU time (events), the graphed tower's
 replay time, and the capture cost, with flash attention and with cuDNN attention (a plan per
@@ -62,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--crops", type=int, nargs="+", default=[5, 17, 40, 160])
+    parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model = load_model(args.model, device="cuda", dtype=torch.bfloat16, progress=False)
@@ -69,7 +70,7 @@ def main() -> None:
     rows = []
     for n in args.crops:
         pixels = torch.randn(n, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
-        for backend in BACKENDS:
+        for backend in args.backends:
             for _ in range(3):
                 reference = tower_layers(tower, pixels, backend)
             eager_wall, eager_gpu = timed(lambda: tower_layers(tower, pixels, backend))
