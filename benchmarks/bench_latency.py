@@ -156,8 +156,10 @@ def workload_inputs(name: str, processor: Processor):
     return f"<|user|>\n{tags}{spec['text']}<|end|>\n<|assistant|>\n", images
 
 
-def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None = None, **engine_settings) -> dict:
-    """A fresh engine sized for the workload (the KV pool holds exactly its tokens), five runs."""
+def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None = None, idle_s: float = 0.0,
+             **engine_settings) -> dict:
+    """A fresh engine sized for the workload (the KV pool holds exactly its tokens), five runs, each
+    after idle_s seconds of an idle GPU (0: back to back)."""
     spec = WORKLOADS[name]
     params = SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True)
     if name == "W3":
@@ -174,6 +176,7 @@ def run_ours(model, processor: Processor, name: str, prefill_chunk: int | None =
     results = []
     for _ in range(5):  # first run warms up; the median of the others is reported
         torch.cuda.reset_peak_memory_stats()
+        time.sleep(idle_s)  # > 0: a request reaching an idle GPU rather than one right after the last run's decoding
         t0 = sync_time()
         if name == "W3":
             request_id = engine.add_request(w3_ids(processor), params)
@@ -310,6 +313,9 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="max_num_batched_tokens and prefill_chunk_size of our engine (default: EngineConfig's)")
+    parser.add_argument("--idle-s", type=float, default=0.0,
+                        help="seconds the GPU idles before each run (default 0: back to back, each run starting right "
+                             "after the previous one's decoding)")
     parser.add_argument("--ab-off", default="",
                         help="comma-separated EngineConfig switches (lookahead_decode, cudnn_prefill), or pywuffs (PNGs "
                              "decoded by libspng instead of Wuffs): also run each workload with each one off, before it "
@@ -320,6 +326,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
               "settings": "batch 1, greedy, end-of-sequence ignored, random bf16 weights at the real shapes, CUDA graphs on"}
     report["prefill_chunk"] = args.prefill_chunk  # None: EngineConfig's default
+    report["idle_s"] = args.idle_s
     report["ceilings"] = measure_ceilings()
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         ckpt = write_bench_checkpoint(args.shared, Path(tmp) / "ckpt")
@@ -332,10 +339,10 @@ def main() -> None:
             for switch in filter(None, args.ab_off.split(",")):
                 with switched_off(switch) as engine_switch:
                     report.setdefault(f"no_{switch}", {})[name] = off = run_ours(model, processor, name, args.prefill_chunk,
-                                                                                 **engine_switch)
+                                                                                 args.idle_s, **engine_switch)
                 print(f"ours {name}, {switch} off: ttft {off['ttft_ms']:.1f} ms, decode {off['decode_tok_s']:.1f} tok/s",
                       flush=True)
-            report[name] = run_ours(model, processor, name, args.prefill_chunk)
+            report[name] = run_ours(model, processor, name, args.prefill_chunk, args.idle_s)
             print(f"ours {name}: " + json.dumps({k: v for k, v in report[name].items() if k != "runs"}, default=float), flush=True)
             floors_out[name] = floors(model, int(report[name]["prompt_tokens"]), WORKLOADS[name]["new_tokens"],
                                       int(report[name]["crops_run"]), report["ceilings"])
