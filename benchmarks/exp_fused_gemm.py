@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from gpu_timing import median_gpu_ms  # benchmarks/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phivision.kernels import fused  # noqa: E402
@@ -125,19 +125,9 @@ GELU_CONFIGS = [GemmConfig(128, 256, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8
                 GemmConfig(128, 128, 128, 8, 8, 3), GemmConfig(128, 256, 64, 16, 8, 3)]
 
 
-def gpu_ms(call, calls: int = 10, repeats: int = 7) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+def gpu_ms(call) -> float:
+    """Median of 7 timings of 10 back-to-back calls, per call (ms), after 3 untimed calls."""
+    return median_gpu_ms(call, rounds=7, calls_per_round=10, warmup=3)
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

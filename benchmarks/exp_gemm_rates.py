@@ -15,31 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_timing import median_gpu_ms  # benchmarks/, beside this script
 
 DECODER = {"qkv": (9216, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)}
 VISION = {"fc1": (4096, 1024), "fc2": (1024, 4096)}
 ROWS = {"W1": 2533, "W2": 6093, "W3": 8196}
 VISION_ROWS = {"W1": 17 * 577, "W2": 40 * 577}
-
-
-def gpu_ms(call, calls: int = 10, repeats: int = 7) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
 
 
 def clock() -> str:
@@ -68,7 +53,7 @@ def main() -> None:
             line = []
             for library in ("default", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library("cublaslt" if library == "cublaslt" else "default")
-                ms = gpu_ms(lambda: F.linear(x, weight))
+                ms = median_gpu_ms(lambda: F.linear(x, weight), rounds=7, calls_per_round=10, warmup=3)
                 result[library] = ms
                 line.append(f"{library} {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)")
                 if rows_run == m:
