@@ -78,6 +78,10 @@ class EngineConfig:
     # ~0.6 s to the first engine's start on an H200, and there are now 61 of 256). None: on CUDA in
     # half precision, with cuDNN.
     cudnn_prefill: bool | None = None
+    # A prefill's last decoder layer runs its attention, output product and MLP at each prompt's
+    # last token only: the other rows' outputs would feed nothing (their keys and values are still
+    # computed). False = every row, the reference's order of work (for measurement).
+    prefill_last_rows_only: bool = True
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,7 @@ class Engine:
                                                       max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
                                                       use_cuda_graphs=config.use_cuda_graphs,
                                                       cudnn_prefill=_use_cudnn_prefill(model, config),
+                                                      prefill_last_rows_only=config.prefill_last_rows_only,
                                                       max_prefill_tokens=min(config.prefill_chunk_size,
                                                                              config.max_num_batched_tokens)))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)

@@ -129,9 +129,12 @@ class PagedBatch:
     def __init__(self, pool: PagedKVCache, *, kind: str, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  long_rope: torch.Tensor, context_lens: torch.Tensor | None = None, start: int = 0,
                  segments: list[tuple[int, int, int]] | None = None, cu_seqlens: torch.Tensor | None = None,
-                 pad_to: int | None = None, num_splits: int = 1, scratch: tuple[torch.Tensor, ...] | None = None):
+                 pad_to: int | None = None, num_splits: int = 1, scratch: tuple[torch.Tensor, ...] | None = None,
+                 last_rows_only: bool = False):
         if kind not in ("decode", "prefill"):
             raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
+        if last_rows_only and (kind != "prefill" or context_lens is None):
+            raise ValueError("last_rows_only is for a prefill, with context_lens = each segment's start + length")
         self.pool = pool
         self.kind = kind
         self.slot_mapping = slot_mapping
@@ -148,13 +151,40 @@ class PagedBatch:
         self.pad_to = pad_to
         self.num_splits = num_splits
         self.scratch = scratch
+        # prefill: the model computes the last layer's outputs at each segment's last row only (the
+        # others' keys and values still go to the pool), those rows attending like decode queries
+        # over `context_lens` (int32 (N,), each segment's start + length) with `num_splits` splits
+        self.last_rows_only = last_rows_only
+
+    def last_columns(self) -> list[int]:
+        """The column of each segment's last token in the packed row (prefill)."""
+        return [offset + length - 1 for offset, length, _ in self.segments or [(0, 0, self.start)]]
 
     def project_attend(self, layer_idx: int, x: torch.Tensor, qkv_weight: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+                       sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                       keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, hidden) normed inputs -> (B, T, H * D) attention output: the qkv projection, rotary,
-        cache write and attention. A decode step of one sequence does the first three in one kernel."""
+        cache write and attention. A decode step of one sequence does the first three in one kernel.
+
+        `keep` (S,) (a prefill with last_rows_only: the columns `last_columns()`, on the device):
+        every column is projected, rotated and written to the pool, and only the kept columns
+        attend -> (1, S, H * D)."""
         from ..kernels.gemv import linear
-        from ..kernels.paged_attention import paged_decode_attention, qkv_rope_write_kv
+        from ..kernels.paged_attention import paged_decode_attention, qkv_rope_write_kv, rope_and_write_kv_
+
+        if keep is not None:
+            if not self.last_rows_only:
+                raise ValueError("project_attend with keep needs a prefill batch built with last_rows_only")
+            num_new = x.shape[1]
+            flat = linear(x, qkv_weight).reshape(num_new, -1)  # (T, (H + 2*H_kv) * D)
+            k_pool, v_pool = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+            rope_and_write_kv_(flat, cos.reshape(num_new, -1), sin.reshape(num_new, -1), k_pool, v_pool, self.slot_mapping,
+                               num_heads, num_kv_heads, head_dim)
+            # Each kept row is its segment's last token: one query over all of the segment's keys,
+            # now in the pool, which is what the decode kernel computes.
+            out = paged_decode_attention(flat[keep], k_pool, v_pool, self.block_tables, self.context_lens, num_heads,
+                                         head_dim, self.num_splits)  # (S, H*D)
+            return out.view(1, -1, num_heads * head_dim)
 
         if self.kind == "decode" and x.shape[0] * x.shape[1] == 1 and x.is_cuda:
             k_pool, v_pool = self.pool.keys[layer_idx], self.pool.values[layer_idx]

@@ -91,6 +91,9 @@ class RunnerConfig:
     # plans of every bucket up to max_prefill_tokens are built at start.
     cudnn_prefill: bool = False
     max_prefill_tokens: int = 16384
+    # A prefill's last decoder layer computes only keys and values at the rows whose outputs feed
+    # no logits (see Phi3Decoder.forward); off = every row, as the reference does.
+    prefill_last_rows_only: bool = True
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -303,6 +306,7 @@ class ModelRunner:
             segments=segments,
             cu_seqlens=self._packed_offsets(segments),
             pad_to=(pad_to := self._padded_length(chunks)),
+            **self._last_rows(chunks),
         )
         with self._prefill_attention(padded=pad_to is not None):
             # ids go on the host copy: the model places image features from it without a readback.
@@ -312,6 +316,16 @@ class ModelRunner:
                                 logits_positions=[offset + length - 1 for offset, length, _ in segments],
                                 has_images=has_images)
         return logits[0]  # (S, V)
+
+    def _last_rows(self, chunks: Sequence["PrefillChunk"]) -> dict:
+        """PagedBatch arguments for a prefill whose last layer runs at each chunk's last row only
+        (`RunnerConfig.prefill_last_rows_only`): each chunk's context length, int32 on the device,
+        and the decode kernel's split count for that many queries."""
+        if not self.config.prefill_last_rows_only:
+            return {}
+        lens = np.array([chunk.start + len(chunk.token_ids) for chunk in chunks], dtype=np.int32)
+        return {"last_rows_only": True, "context_lens": to_device(torch.from_numpy(lens), self.device),
+                "num_splits": decode_splits(len(chunks), self.num_heads, self.num_sms)}
 
     def _packed_offsets(self, segments: list[tuple[int, int, int]]) -> torch.Tensor | None:
         """For several chunks, one or more of which start their sequences, whose attention then runs

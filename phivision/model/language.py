@@ -127,14 +127,19 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, hidden) -> (B, T, hidden), or (B, S, hidden) at the columns `keep` (S,) when given
+        (a paged prefill's last rows; every column's keys and values still go to the cache)."""
         batch, num_new, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if getattr(cache, "paged", False):
             # The engine's paged pool: fused projection / rotary / cache write and paged attention kernels.
             out = cache.project_attend(self.layer_idx, x, self.qkv_proj.weight, inputs.cos, inputs.sin, self.num_heads,
-                                       self.num_kv_heads, self.head_dim)  # (B, T, H*D)
+                                       self.num_kv_heads, self.head_dim, keep=keep)  # (B, T or S, H*D)
             return linear(out, self.o_proj.weight)
+        if keep is not None:
+            raise ValueError("attention computes selected rows only over a paged prefill")
         qkv = linear(x, self.qkv_proj.weight)  # (B, T, (H + 2*H_kv) * D)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -174,13 +179,15 @@ class Phi3DecoderLayer(nn.Module):
         self.mlp = Phi3MLP(config)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, inputs: AttentionInputs, cache: KVCache | None
+        self, x: torch.Tensor, residual: torch.Tensor | None, inputs: AttentionInputs, cache: KVCache | None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (mlp output, residual): the layer's input is x + residual.
 
         Carrying the residual lets each add run fused with the norm that follows it (this layer's
         two, the next layer's first); the sums and their rounding are the reference's
-        h = x + attn(norm(x)); out = h + mlp(norm(h)).
+        h = x + attn(norm(x)); out = h + mlp(norm(h)). With `keep` (S,) the outputs are those of
+        the columns it names only, (B, S, hidden); the other columns get their keys and values.
         """
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         if residual is None:
@@ -188,7 +195,9 @@ class Phi3DecoderLayer(nn.Module):
             normed = rms_norm(x, norm1.weight, norm1.eps)
         else:
             normed, residual = add_rms_norm(x, residual, norm1.weight, norm1.eps)
-        attn = self.self_attn(normed, inputs, cache)
+        attn = self.self_attn(normed, inputs, cache, keep)  # (B, T or S, hidden)
+        if keep is not None:
+            residual = residual[:, keep]  # (B, S, hidden)
         normed, residual = add_rms_norm(attn, residual, norm2.weight, norm2.eps)
         return self.mlp(normed), residual
 
@@ -210,8 +219,16 @@ class Phi3Decoder(nn.Module):
         positions: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: KVCache | None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T, hidden) embeddings -> (B, T, hidden) normed hidden states; writes T new slots into `cache`."""
+        """(B, T, hidden) embeddings -> (B, T, hidden) normed hidden states; writes T new slots into `cache`.
+
+        `keep` (S,), for a paged prefill whose batch asks for it (`PagedBatch.last_rows_only`): the
+        columns whose hidden states the caller needs, each chunk's last. The result is then (B, S,
+        hidden), and the last layer computes only the keys and values of the other columns: its
+        attention, output product and MLP there would feed nothing (at W2's 6K-token prompt, ~3/4
+        of a layer's work). Each kept row's arithmetic is the same as with every row computed.
+        """
         num_new = inputs_embeds.shape[1]
         cos, sin = self.rotary(positions, inputs_embeds.dtype, getattr(cache, "long_rope", None))
         if getattr(cache, "paged", False):
@@ -224,7 +241,8 @@ class Phi3Decoder(nn.Module):
             )
         inputs = AttentionInputs(cos=cos, sin=sin, mask=mask, is_causal=is_causal)
         x, residual = inputs_embeds, None
-        for layer in self.layers:
-            x, residual = layer(x, residual, inputs, cache)
+        last = len(self.layers) - 1
+        for idx, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, inputs, cache, keep if idx == last else None)
         normed, _ = add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return normed

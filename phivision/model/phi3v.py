@@ -165,11 +165,17 @@ class Phi3VForCausalLM(nn.Module):
                 raise PromptError("input_ids contain image placeholders (negative ids) but pixel_values/image_sizes were not given")
             image_features = self.encode_images(pixel_values.to(device), image_sizes)
         embeds = self._embed(input_ids, image_features, has_images, host_ids)  # (B, T, hidden)
-        hidden = self.language_model(embeds, positions, attention_mask, cache)  # (B, T, hidden)
+        keep = None if logits_positions is None else to_device(torch.tensor(logits_positions), device)  # (S,)
+        last_rows_only = keep is not None and getattr(cache, "last_rows_only", False)
+        if last_rows_only and list(logits_positions) != cache.last_columns():
+            raise ValueError(f"logits_positions {list(logits_positions)} are not the batch's last columns {cache.last_columns()}")
+        hidden = self.language_model(embeds, positions, attention_mask, cache,
+                                     keep if last_rows_only else None)  # (B, T, hidden), or (B, S, hidden)
         if cache is not None and not paged:
             cache.advance(num_new)
-        if logits_positions is not None:
-            hidden = hidden[:, to_device(torch.tensor(logits_positions), hidden.device)]
+        if keep is not None:
+            if not last_rows_only:
+                hidden = hidden[:, keep]
         elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return linear(hidden, self.lm_head.weight).float()

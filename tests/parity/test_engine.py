@@ -487,5 +487,6 @@ def test_a_burst_of_image_requests_is_prefilled_in_whole_prompts(model, processo
     assert all(tokens == case["expected"]["greedy_new_tokens"] for tokens in results)
     assert [len(step) for step in chunks] == [2, 2, 2]
     assert all(chunk == (0, length) for step in chunks for chunk in step)
-    assert packed_calls == [[length, length]] * (3 * model.config.text.num_hidden_layers)  # one call a layer
+    # one call a layer, but the last, whose attention runs at each prompt's last token only
+    assert packed_calls == [[length, length]] * (3 * (model.config.text.num_hidden_layers - 1))
 

@@ -117,9 +117,70 @@ def test_packed_prefill_of_several_sequences_matches_each_alone(model, tiny_chec
         alone = model(torch.tensor([seq]), image_features=feats)[0, -1]
         assert torch.allclose(packed[row], alone, atol=1e-4), (row, (packed[row] - alone).abs().max())
     assert not torch.allclose(packed[0], packed[1], atol=1e-3)  # the two images really were told apart
-    layers = model.config.text.num_hidden_layers
+    layers = model.config.text.num_hidden_layers - 1  # the last layer attends at each chunk's last row only
     assert calls["packed"] == [[len(ids), len(ids), len(text) - 32]] * layers
     assert calls["paged"] == [(len(text) - 32, 32)] * layers
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_last_layer_at_the_last_rows_only(model, tiny_manifest, padded, monkeypatch):
+    """A prefill whose last layer runs at each chunk's last row only gives the logits of the one
+    that runs every row, and leaves the same keys and values in the pool (every layer's, the last
+    included): for two chunks (one continuing its sequence), and for one prompt whose attention
+    is padded to a bucket (the cuDNN path's shape)."""
+    from phivision.generation import kv_cache, runner as runner_module
+    from phivision.generation.runner import PrefillChunk
+
+    monkeypatch.setattr(runner_module, "CUDNN_PREFILL_MIN_TOKENS", 1)
+    monkeypatch.setattr(runner_module, "CUDNN_PREFILL_BUCKET", 48)
+    padded_calls = []
+    original = kv_cache.PagedBatch._attend_padded
+
+    def spy(self, layer_idx, *args):
+        padded_calls.append(layer_idx)
+        return original(self, layer_idx, *args)
+
+    monkeypatch.setattr(kv_cache.PagedBatch, "_attend_padded", spy)
+    ids = next(c for c in tiny_manifest["cases"] if c["id"] == "long_text_over_64")["expected"]["input_ids"]
+    text = [1, 32010, 29871, 13] + list(range(500, 570))  # 74 tokens
+    layers = model.config.text.num_hidden_layers
+    results = []
+    for last_rows_only in (False, True):
+        runner = ModelRunner(model, RunnerConfig(num_blocks=64, block_size=16, max_num_seqs=4, max_model_len=1024,
+                                                 cudnn_prefill=padded, prefill_last_rows_only=last_rows_only))
+        padded_calls.clear()
+        if padded:
+            logits = runner.prefill(text, 0, [1, 2, 3, 4, 5], None, True)[None]  # (1, V)
+            assert padded_calls == list(range(layers - 1 if last_rows_only else layers))
+        else:
+            id_blocks, text_blocks = list(range(11, 11 + -(-len(ids) // 16))), [6, 7, 8, 9, 10]
+            runner.prefill(text[:32], 0, text_blocks, None, True)
+            logits = runner.prefill_many([PrefillChunk(ids, 0, id_blocks, None),
+                                          PrefillChunk(text[32:], 32, text_blocks, None)], long_rope=True)  # (2, V)
+        results.append((logits, runner.pool.keys.clone(), runner.pool.values.clone()))
+    (every, keys, values), (last, keys_last, values_last) = results
+    assert last.shape == every.shape
+    torch.testing.assert_close(last, every, atol=1e-5, rtol=1e-5)
+    assert torch.equal(keys_last, keys) and torch.equal(values_last, values)
+    assert keys[-1].abs().sum() > 0  # the last layer's keys were written
+
+
+def test_last_rows_only_needs_the_last_columns(model):
+    """The model refuses to compute a pruned last layer at columns other than each chunk's last."""
+    from phivision.generation.kv_cache import PagedBatch
+
+    runner = ModelRunner(model, RunnerConfig(num_blocks=8, block_size=16, max_num_seqs=1, max_model_len=64))
+    cache = PagedBatch(runner.pool, kind="prefill", slot_mapping=torch.arange(16, 26), block_tables=torch.tensor([[1]]),
+                       long_rope=torch.tensor([False]), context_lens=torch.tensor([10], dtype=torch.int32),
+                       segments=[(0, 10, 0)], last_rows_only=True)
+    ids = torch.arange(100, 110)[None]
+    with pytest.raises(ValueError, match="last columns"):
+        model(ids, positions=torch.arange(10)[None], cache=cache, logits_positions=[8], has_images=False)
+    logits = model(ids, positions=torch.arange(10)[None], cache=cache, logits_positions=[9], has_images=False)
+    assert logits.shape == (1, 1, model.config.text.vocab_size)
+    with pytest.raises(ValueError, match="last_rows_only is for a prefill"):
+        PagedBatch(runner.pool, kind="prefill", slot_mapping=torch.arange(10), block_tables=torch.tensor([[1]]),
+                   long_rope=torch.tensor([False]), last_rows_only=True)
 
 
 def test_decode_inputs_of_a_padded_batch(model, tiny_checkpoint, tiny_manifest):
