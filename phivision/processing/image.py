@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..model.transfer import to_device
 from .resize import resize_bilinear
 
 CROP_SIZE = 336  # CLIP ViT-L/14 input side; HD images are tiled in CROP_SIZE squares
@@ -317,9 +318,9 @@ def hd_transform(image: Image.Image, num_crops: int, num_threads: int | None = N
 def _normalise_(values: torch.Tensor) -> torch.Tensor:
     """In place on float32 (3, ...) holding 0..255: (x / 255 - mean) / std, the reference's float32 ops in its order."""
     shape = (3,) + (1,) * (values.dim() - 1)
-    # Copied without waiting (torch.tensor(..., device=cuda) would wait for all work queued before).
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).to(values.device, non_blocking=True).view(shape)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).to(values.device, non_blocking=True).view(shape)
+    # Copied through pinned memory, without waiting (see model/transfer.py).
+    mean = to_device(torch.tensor(CLIP_MEAN, dtype=torch.float32), values.device).view(shape)
+    std = to_device(torch.tensor(CLIP_STD, dtype=torch.float32), values.device).view(shape)
     return values.div_(255).sub_(mean).div_(std)
 
 
@@ -458,7 +459,7 @@ def _preprocess_images_on(images: Sequence[Image.Image], num_crops: int, device:
         rows, cols = height // CROP_SIZE, width // CROP_SIZE
         num_real = rows * cols
         everyone = len(indices) == len(images)
-        where = None if everyone else torch.tensor(indices).to(device, non_blocking=True)
+        where = None if everyone else to_device(torch.tensor(indices), device)
         target = out if everyone else out[where]
         target[:, 0] = F.interpolate(hd, size=(CROP_SIZE, CROP_SIZE), mode="bicubic", align_corners=False, antialias=False)
         # (n, 3, rows*336, cols*336) -> (n, rows, cols, 3, 336, 336): one strided copy for all tiles

@@ -23,15 +23,18 @@ Integer sums do not depend on their order, so the result equals PIL's whatever t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
+from ..model.transfer import to_device
+
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
-# A pass keeps three int32 tensors of its output's size (the sum, one tap's pixels, their product);
-# a larger output is computed in bands across the other axis (each band on its own is exact), so a
-# 100-megapixel photo does not take gigabytes of device memory.
+# A pass keeps its taps' pixels and their weighted values for every output pixel (uint8 and int32,
+# taps times its output's size); a larger output is computed in bands across the other axis (each
+# band on its own is exact), so a 100-megapixel photo does not take gigabytes of device memory.
 MAX_PASS_BYTES = 1 << 28
 
 
@@ -64,18 +67,27 @@ def pil_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarra
     return xmin, fixed
 
 
+@functools.lru_cache(maxsize=64)
+def _pass_tables(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source index (out, taps) int64, clamped to the image; weights (out, taps) int32) of one pass,
+    on the host. Cached: they depend on the sizes only, and a video's frames (or a server's images
+    of one size) all need the same ones. Read-only: callers copy them to the device."""
+    xmin, fixed = pil_coefficients(in_size, out_size)
+    taps = fixed.shape[1]
+    index = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(taps)[None, :], in_size - 1))  # (out, taps)
+    return index, torch.from_numpy(fixed)
+
+
 def _resize_axis(image: torch.Tensor, out_size: int, axis: int) -> torch.Tensor:
     """One pass along `axis` (-3: rows, i.e. vertical; -2: columns, horizontal) of (..., H, W, C) uint8."""
     in_size = image.shape[axis]
     if in_size == out_size:
         return image  # PIL skips a pass that keeps the size
-    xmin, fixed = pil_coefficients(in_size, out_size)
-    taps = fixed.shape[1]
-    index = torch.from_numpy(np.minimum(xmin[:, None] + np.arange(taps)[None, :], in_size - 1))  # (out, taps)
-    index = index.to(image.device, non_blocking=True)
-    weights = torch.from_numpy(fixed).to(image.device, non_blocking=True)  # (out, taps) int32
+    index, weights = (to_device(t, image.device) for t in _pass_tables(in_size, out_size))  # (out, taps) each
+    taps = index.shape[1]
     across = -2 if axis == -3 else -3  # a horizontal pass maps rows independently, a vertical one columns
-    bands = math.ceil(3 * 4 * (image.numel() // in_size) * out_size / MAX_PASS_BYTES)
+    # Bytes per output value: its taps' pixels (uint8), their weighted values and the sum (int32).
+    bands = math.ceil((5 * taps + 4) * (image.numel() // in_size) * out_size / MAX_PASS_BYTES)
     if bands > 1 and image.shape[across] > 1:
         parts = image.tensor_split(min(bands, image.shape[across]), dim=across)
         return torch.cat([_apply_pass(part, index, weights, axis) for part in parts], dim=across)
@@ -83,17 +95,15 @@ def _resize_axis(image: torch.Tensor, out_size: int, axis: int) -> torch.Tensor:
 
 
 def _apply_pass(image: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, axis: int) -> torch.Tensor:
-    """sum over taps of image[index[:, tap]] * weights[:, tap] along `axis`, in int32, rounded, clamped."""
-    out_size = index.shape[0]
-    shape = [1] * image.dim()
-    shape[axis] = out_size
-    out_shape = list(image.shape)
-    out_shape[axis] = out_size
-    acc = torch.full(out_shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
-    for tap in range(index.shape[1]):
-        source = image.index_select(axis, index[:, tap]).to(torch.int32)  # out_size entries along axis
-        acc += source * weights[:, tap].view(shape)
-    return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+    """sum over taps of image[index[:, tap]] * weights[:, tap] along `axis`, in int32, rounded, clamped.
+
+    All taps in one gather, product and sum (seven kernels a pass, not four per tap plus four: the
+    host launches them while the GPU waits, for the frames of a request)."""
+    out_size, taps = index.shape
+    gathered = image.index_select(axis, index.reshape(-1)).unflatten(axis, (out_size, taps))  # taps at `axis`
+    tap_weights = weights.view(out_size, taps, *[1] * (-axis - 1))  # broadcasts over the axes after `axis`
+    acc = (gathered * tap_weights).sum(dim=axis, dtype=torch.int32)  # uint8 * int32 -> int32, out_size along axis
+    return acc.add_(1 << (PRECISION_BITS - 1)).bitwise_right_shift_(PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
 def resize_bilinear(image: torch.Tensor, width: int, height: int, *, vertical_first: bool = False) -> torch.Tensor:
