@@ -1,6 +1,6 @@
 """W4 without HTTP: the same 64 requests handed straight to the Engine (add_prompts, then steps).
 
-    python benchmarks/w4_engine_only.py --model CKPT_DIR [--requests 64] [--new-tokens 128]
+    python benchmarks/w4_engine_only.py --model CKPT_DIR [--requests 64] [--new-tokens 128] [--off SWITCH,...]
 
 Splits the serving benchmark's time between the engine and the HTTP layer: what the engine alone
 reaches on the same requests is the ceiling for the server.
@@ -33,12 +33,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-tokens", type=int, default=65536)
+    parser.add_argument("--off", default="", help="comma-separated EngineConfig switches to turn off (e.g. prefill_last_rows_only)")
     args = parser.parse_args()
+    switches = {name: False for name in filter(None, args.off.split(","))}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = load_model(args.model, device=device, dtype=dtype, progress=False)
     processor = Processor.from_pretrained(args.model, num_crops=4)
-    engine = Engine(model, processor, EngineConfig(max_num_seqs=64, kv_cache_tokens=args.kv_cache_tokens))
+    engine = Engine(model, processor, EngineConfig(max_num_seqs=64, kv_cache_tokens=args.kv_cache_tokens, **switches))
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     report = {}
     for label, seed_base in (("warm-up", 1000), ("run", 0)):
