@@ -35,7 +35,7 @@ PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
 # A pass keeps its taps' pixels and their weighted values for every output pixel (uint8 and int32,
 # taps times its output's size); a larger output is computed in bands across the other axis (each
 # band on its own is exact), so a 100-megapixel photo does not take gigabytes of device memory.
-MAX_PASS_BYTES = 1 << 28
+MAX_PASS_BYTES = 1 << 29
 
 
 def _bilinear(x: np.ndarray) -> np.ndarray:
