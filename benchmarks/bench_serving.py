@@ -503,7 +503,9 @@ def main() -> None:
                 r.parse()
                 if r.error:
                     raise RuntimeError(f"a warm-up request failed: {r.error}\n{server.log()}")
-            print(f"warm-up: {len(warm)} request(s) of {WARMUP_TOKENS} tokens in {time.perf_counter() - t0:.2f} s", flush=True)
+            print(f"warm-up: {len(warm)} request(s) of {WARMUP_TOKENS} tokens in {time.perf_counter() - t0:.2f} s "
+                  f"(ended at epoch {time.time():.3f}: files the server writes after it, e.g. Triton's cache, date from the run)",
+                  flush=True)
 
             before = server.metrics()
             use_gauge = PEAK_GAUGE in before
