@@ -7,6 +7,9 @@
 2. Real Phi-3.5-vision shapes with random weights: the fast path's logits (bf16, paged prefill of
    a W1 prompt, then 32 captured decode steps) against the plain float32 path on the same weights
    (dense forward over the same tokens), as ||fast - ref|| / ||ref|| per position.
+3. No Triton compile in the middle of serving: after the engine's start (graph capture) and one
+   warm-up request, steps that prefill 1 to 64 prompts at once compile no new variant of the decode
+   kernel (which the prefill's last rows run); new variants of every kernel are listed.
 """
 
 from __future__ import annotations
@@ -142,6 +145,50 @@ def device_resize_exact(shared: Path) -> list[dict]:
     return rows
 
 
+def triton_variants() -> dict[str, int]:
+    """Compiled variants of each of our Triton kernels so far, over all devices (Triton's in-memory
+    cache per kernel: one entry per specialization and constexpr combination)."""
+    from phivision.kernels import fused, gemv, paged_attention
+
+    counts = {}
+    for module in (fused, gemv, paged_attention):
+        for name, obj in vars(module).items():
+            caches = getattr(obj, "device_caches", None)
+            if isinstance(caches, dict):
+                counts[f"{module.__name__.rsplit('.', 1)[-1]}.{name}"] = sum(len(c[0]) for c in caches.values())
+    return counts
+
+
+def compiles_mid_serving(shared: Path) -> dict:
+    """Kernel variants compiled after start-up and a one-request warm-up, while steps prefill 1 to
+    64 text prompts at once (the prefill's last rows run the decode kernel with the split count of
+    the graph their number of rows falls in, at every graph size)."""
+    tiny = shared / "golden" / "tiny-model" / "checkpoint"
+    model = load_model(str(tiny), device="cuda", dtype=torch.bfloat16, progress=False)
+    processor = Processor.from_pretrained(str(tiny))
+    engine = Engine(model, processor, EngineConfig(max_num_seqs=64, block_size=64, kv_cache_tokens=64 * 256,
+                                                   max_num_batched_tokens=64 * 96))
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+
+    def serve(count: int, length: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(count):
+            engine.add_request(torch.randint(100, 30000, (length,), generator=gen).tolist(), params)
+        while engine.has_unfinished():
+            engine.step()
+
+    serve(1, 50, 0)  # the warm-up request
+    before = triton_variants()
+    for count in (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64):
+        serve(count, 40 + count, count)
+    after = triton_variants()
+    new = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    del engine, model
+    torch.cuda.empty_cache()
+    return {"kernels": len(after), "new_variants": new,
+            "decode_kernel_new": new.get("paged_attention._decode_split_kernel", 0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -151,6 +198,7 @@ def main() -> None:
     report["device_resize"] = device_resize_exact(args.shared)
     report["golden_engine"] = golden_through_engine(args.shared)
     report["real_shapes_vs_fp32"] = real_shapes_vs_fp32(args.shared)
+    report["compiles_mid_serving"] = compiles_mid_serving(args.shared)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     exact = [row for row in report["device_resize"] if row["exact"]]
@@ -167,6 +215,13 @@ def main() -> None:
     print(f"real shapes W1 prompt ({r['prompt_tokens']} tokens) + {r['decode_steps']} decode steps: "
           f"max relative logit error {r['max_rel_err']:.2e} (prefill {r['prefill_rel_err']:.2e}), "
           f"argmax agreement {r['argmax_agreement']:.3f}")
+    c = report["compiles_mid_serving"]
+    print(f"Triton variants compiled after the warm-up, prefilling 1-64 prompts a step: decode kernel "
+          f"{c['decode_kernel_new']}, all ({c['kernels']} kernels): {c['new_variants'] or 'none'}")
+    if not c["kernels"]:
+        raise SystemExit("no Triton kernel cache found (a Triton whose JITFunction keeps no device_caches?)")
+    if c["decode_kernel_new"]:
+        raise SystemExit("the decode kernel compiled a new variant in the middle of serving")
 
 
 if __name__ == "__main__":

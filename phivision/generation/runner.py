@@ -112,6 +112,7 @@ class _DecodeGraph:
     _LAYOUT = (("input_ids", torch.int64, 1), ("positions", torch.int64, 1), ("slot_mapping", torch.int64, None),
                ("context_lens", torch.int32, None), ("long_rope", torch.bool, None), ("block_tables", torch.int32, "blocks"))
     _NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
+    ALIGN = 16  # bytes, of each input's offset in the buffers
 
     def __init__(self, runner: "ModelRunner", batch: int):
         device, cfg = runner.device, runner.config
@@ -121,7 +122,12 @@ class _DecodeGraph:
             shape = (batch,) if columns is None else (batch, cfg.max_blocks_per_seq if columns == "blocks" else columns)
             offsets[name] = size
             shapes[name] = shape
-            size += -(-int(np.prod(shape)) * dtype.itemsize // 8) * 8  # 8-byte aligned
+            # 16-byte aligned: Triton compiles a variant of a kernel per pointer alignment (16 or
+            # not). The prefill's last rows run the decode kernel on tensors of their own, always
+            # aligned; graph inputs at 8-byte offsets (context_lens in the batch-1 graph, block
+            # tables in those of 1, 4, 8 and 24) made those variants new, compiled mid-serving (W4
+            # over HTTP on an H200 with the default KV pool: stalls of ~1 s, 1,935 tokens/s).
+            size += -(-int(np.prod(shape)) * dtype.itemsize // self.ALIGN) * self.ALIGN
         self._device_bytes = torch.zeros(size, dtype=torch.uint8, device=device)
         self._host_bytes = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self._copied = torch.cuda.Event() if device.type == "cuda" else None

@@ -210,6 +210,18 @@ def test_decode_inputs_of_a_padded_batch(model, tiny_checkpoint, tiny_manifest):
         assert torch.allclose(alone[0], together[row], atol=1e-5), row
 
 
+def test_graph_inputs_are_16_byte_aligned(model):
+    """Every decode graph's inputs start at 16-byte boundaries, as the tensors a prefill's last rows
+    pass to the same kernel do: Triton compiles a kernel variant per pointer alignment, and a graph
+    input at an 8-byte offset left the prefill's variant to compile in the middle of serving."""
+    runner = ModelRunner(model, RunnerConfig(num_blocks=8, block_size=16, max_num_seqs=128, max_model_len=1000))
+    assert sorted(runner._graphs) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+    for batch, graph in runner._graphs.items():
+        base = graph._device_bytes.data_ptr()
+        for name, _, _ in graph._LAYOUT:
+            assert (getattr(graph, name).data_ptr() - base) % 16 == 0, (batch, name)
+
+
 def test_packed_causal_attention_keeps_sequences_apart():
     from phivision.kernels.paged_attention import packed_causal_attention
 
