@@ -34,18 +34,23 @@ SHAPES = [("decoder W1", 2533, 3072, 16384, "silu"), ("decoder W2", 6093, 3072, 
           ("vision W2 (40 crops)", 40 * 577, 1024, 4096, "gelu")]
 
 
+def mlp_parts(w1, b1, w2, b2, act: str):
+    """The block's three steps as the model runs them: first product, activation, and the second
+    product written into a given output (the decoder's have no biases)."""
+    if act == "silu":
+        return (lambda rows: torch.mm(rows, w1.t())), silu_mul, (lambda a, out: torch.mm(a, w2.t(), out=out))
+    return (lambda rows: F.linear(rows, w1, b1)), quick_gelu, (lambda a, out: torch.addmm(b2, a, w2.t(), out=out))
+
+
 def block_fn(x, w1, b1, w2, b2, act: str, chunks: int):
     rows = x.shape[0]
     step = math.ceil(rows / chunks)
     out = torch.empty((rows, w2.shape[0]), dtype=x.dtype, device=x.device)
+    first, activation, second = mlp_parts(w1, b1, w2, b2, act)
 
     def run():
         for start in range(0, rows, step):
-            part = x[start : start + step]
-            if act == "silu":
-                torch.mm(silu_mul(torch.mm(part, w1.t())), w2.t(), out=out[start : start + step])
-            else:
-                torch.addmm(b2, quick_gelu(F.linear(part, w1, b1)), w2.t(), out=out[start : start + step])
+            second(activation(first(x[start : start + step])), out[start : start + step])
         return out
 
     return run
@@ -74,20 +79,18 @@ def main() -> None:
             fn = block_fn(x, w1, b1, w2, b2, act, chunks)
             result["bit_equal"][chunks] = bool(torch.equal(fn(), reference))
             result["ms"][chunks] = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
-        mid = torch.mm(x, w1.t()) if act == "silu" else F.linear(x, w1, b1)
-        act_fn = (lambda: silu_mul(mid)) if act == "silu" else (lambda: quick_gelu(mid))
-        a = act_fn()
-        result["parts_ms"] = {
-            "first product": triton.testing.do_bench_cudagraph(lambda: torch.mm(x, w1.t()) if act == "silu" else F.linear(x, w1, b1), rep=200, return_mode="median"),
-            "activation": triton.testing.do_bench_cudagraph(act_fn, rep=200, return_mode="median"),
-            "second product": triton.testing.do_bench_cudagraph(lambda: torch.mm(a, w2.t()) if act == "silu" else F.linear(a, w2, b2), rep=200, return_mode="median"),
-        }
+        first, activation, second = mlp_parts(w1, b1, w2, b2, act)
+        mid = first(x)
+        a = activation(mid)
+        out = torch.empty((rows, width), dtype=x.dtype, device=x.device)
+        steps = {"first product": lambda: first(x), "activation": lambda: activation(mid), "second product": lambda: second(a, out)}
+        result["parts_ms"] = {key: triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median") for key, fn in steps.items()}
         rows_out.append(result)
         base = result["ms"][chunk_counts[0]]
         print(f"{name:22} " + " ".join(f"{c}: {ms:.3f} ms ({ms / base:.3f}{'' if result['bit_equal'][c] else ', differs'})"
                                          for c, ms in result["ms"].items())
               + " | parts " + " ".join(f"{k} {v:.3f}" for k, v in result["parts_ms"].items()), flush=True)
-        del x, w1, w2, mid, a
+        del x, w1, w2, mid, a, out
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows_out}, indent=1))
