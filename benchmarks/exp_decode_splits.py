@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from gpu_kernel_check import ROOT, random_real_model, time_decode, time_graph_only  # benchmarks/, beside this script
+from gpu_kernel_check import ROOT, block_tables, random_real_model, time_decode, time_graph_only  # benchmarks/, beside this script
 from phivision.generation import runner as runner_module
 from phivision.generation.runner import ModelRunner, RunnerConfig
 from phivision.kernels import paged_attention
@@ -36,10 +35,7 @@ SHAPES = {"B1_ctx2534": (1, 2534), "B1_ctx2790": (1, 2790), "B1_ctx6100": (1, 61
 
 
 def logits_at(runner: ModelRunner, batch: int, context: int) -> torch.Tensor:
-    size = runner.config.block_size
-    per_seq = math.ceil((context + 1) / size)
-    tables = [[1 + i * per_seq + j for j in range(per_seq)] for i in range(batch)]
-    return runner.decode([100] * batch, [context] * batch, tables).float().clone()
+    return runner.decode([100] * batch, [context] * batch, block_tables(runner, batch, context + 1)).float().clone()
 
 
 def main() -> None:

@@ -226,10 +226,14 @@ def random_real_model(shared: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def block_tables(runner: ModelRunner, batch: int, tokens: int) -> list[list[int]]:
+    """Block tables for `batch` sequences of up to `tokens` tokens each: consecutive blocks from 1."""
+    per_seq = math.ceil(tokens / runner.config.block_size)
+    return [[1 + i * per_seq + j for j in range(per_seq)] for i in range(batch)]
+
+
 def time_decode(runner: ModelRunner, batch: int, context: int, steps: int = 50) -> float:
-    size = runner.config.block_size
-    per_seq = math.ceil((context + steps + 1) / size)
-    tables = [[1 + i * per_seq + j for j in range(per_seq)] for i in range(batch)]
+    tables = block_tables(runner, batch, context + steps + 1)
     lens = [context] * batch
     for _ in range(3):
         runner.decode([100] * batch, lens, tables)
@@ -247,9 +251,7 @@ def time_graph_only(runner: ModelRunner, batch: int, context: int, steps: int = 
     """The captured step replayed back to back with the same inputs and no host work between: the
     GPU's own time per step. time_decode minus this is the host's turnaround (inputs, copy, launch,
     reading the tokens back), in which the GPU waits."""
-    size = runner.config.block_size
-    per_seq = math.ceil((context + 1) / size)
-    tables = [[1 + i * per_seq + j for j in range(per_seq)] for i in range(batch)]
+    tables = block_tables(runner, batch, context + 1)
     runner.decode([100] * batch, [context] * batch, tables)
     graph = runner._graph_for(batch).graph
     torch.cuda.synchronize()
