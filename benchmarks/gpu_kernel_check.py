@@ -38,7 +38,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
-def check_kernels() -> list[dict]:
+def check_kernels(shared: Path) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     dev = "cuda"
@@ -71,6 +71,16 @@ def check_kernels() -> list[dict]:
             rows.append({"check": f"{name} fused combine (repeatable: {same}, max diff to unfused "
                                   f"{(fused[0].float() - out.float()).abs().max().item():.1e})",
                          "rel_err": rel(fused[0], ref) + float(not same)})
+            # block numbers read before the PDL wait (any count, 0 = none): the same arithmetic, the same bits
+            from phivision.kernels import paged_attention as pa
+
+            outs = []
+            for preload in (0, 1, 2, 8):
+                pa.DECODE_PRELOAD_BLOCKS = preload
+                outs.append(paged_decode_attention(qkv, k_pool, v_pool, tables, ctx, heads, dim, splits, scratch))
+            pa.DECODE_PRELOAD_BLOCKS = 8
+            rows.append({"check": f"{name} preloaded block numbers 0/1/2/8 equal",
+                         "rel_err": float(not all(torch.equal(outs[0], o) for o in outs[1:]))})
     # cache write
     k_pool = torch.zeros(10, 4, 16, 96, device=dev, dtype=torch.bfloat16)
     v_pool = torch.zeros_like(k_pool)
@@ -110,6 +120,27 @@ def check_kernels() -> list[dict]:
         rows.append({"check": f"gated gemv pdl == no pdl {dtype}",
                      "rel_err": float(not torch.equal(gemv(gu1, down, gated=True), gemv(gu1, down, gated=True, pdl=False)))})
         rows.append({"check": f"gemv vs float32 matmul {dtype}", "rel_err": rel(plain, down.float() @ silu_mul(gu1[None])[0].float())})
+        # float32 output (the logits): the product rounded to the dtype, then widened
+        x1 = gu1[:8192]
+        rows.append({"check": f"gemv out_dtype float32 == gemv().float() {dtype}",
+                     "rel_err": float(not torch.equal(gemv(x1, down, out_dtype=torch.float32), gemv(x1, down).float()))})
+    # a decode step's embeddings and rotary rows in one kernel against the reference lookup (CPU)
+    from phivision.kernels.fused import decode_inputs
+    from phivision.model.rope import LongRopeEmbedding
+
+    text = ModelConfig.from_dict(json.loads((shared / "spec" / "phi35v-config.json").read_text())).text
+    rope = LongRopeEmbedding(text).to(dev)
+    tables = rope.tables(8192, torch.bfloat16)
+    positions = torch.tensor([[0], [2533], [4095], [4096], [8191]], device=dev)
+    use_long = positions[:, 0] + 1 > text.original_max_position_embeddings
+    ids = torch.tensor([[5], [-3], [32000], [0], [17]], device=dev)
+    embed = torch.randn(32064, 3072, device=dev, dtype=torch.bfloat16)
+    got = decode_inputs(ids, positions, use_long, embed, tables)
+    cpu_tables = type(tables)(tables.cos.cpu(), tables.sin.cpu(), tables.short_rows)
+    want = decode_inputs(ids.cpu(), positions.cpu(), use_long.cpu(), embed.cpu(), cpu_tables)
+    computed = rope(positions, torch.bfloat16, use_long)
+    exact = all(torch.equal(g.cpu(), w) for g, w in zip(got, want)) and all(torch.equal(g, c) for g, c in zip(got[1:], computed))
+    rows.append({"check": "decode_inputs == lookup on CPU == rotary computed", "rel_err": float(not exact)})
     for dtype in (torch.bfloat16, torch.float16):
         act = torch.randn(3, 577, 4096, device=dev, dtype=dtype) * 4
         fused, unfused = quick_gelu(act), act * torch.sigmoid(1.702 * act)  # the reference's ops, same device
@@ -270,7 +301,7 @@ def main() -> None:
     parser.add_argument("--no-sweeps", action="store_true", help="skip the kernel launch-setting sweeps")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    report["kernels"] = check_kernels()
+    report["kernels"] = check_kernels(args.shared)
     if args.quick:
         for row in report["kernels"]:
             print(f"{row['check']:70} rel_err {row['rel_err']:.2e}")

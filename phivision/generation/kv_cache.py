@@ -130,7 +130,7 @@ class PagedBatch:
                  long_rope: torch.Tensor, context_lens: torch.Tensor | None = None, start: int = 0,
                  segments: list[tuple[int, int, int]] | None = None, cu_seqlens: torch.Tensor | None = None,
                  pad_to: int | None = None, num_splits: int = 1, scratch: tuple[torch.Tensor, ...] | None = None,
-                 last_rows_only: bool = False):
+                 last_rows_only: bool = False, rope_tables=None):
         if kind not in ("decode", "prefill"):
             raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
         if last_rows_only and (kind != "prefill" or context_lens is None):
@@ -155,6 +155,9 @@ class PagedBatch:
         # others' keys and values still go to the pool), those rows attending like decode queries
         # over `context_lens` (int32 (N,), each segment's start + length) with `num_splits` splits
         self.last_rows_only = last_rows_only
+        # decode: a model.rope.RopeTables, from which the step's rotary rows are looked up (with its
+        # embeddings, in one kernel) instead of computed; None = computed
+        self.rope_tables = rope_tables
 
     def last_columns(self) -> list[int]:
         """The column of each segment's last token in the packed row (prefill)."""

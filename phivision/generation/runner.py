@@ -94,6 +94,9 @@ class RunnerConfig:
     # A prefill's last decoder layer computes only keys and values at the rows whose outputs feed
     # no logits (see Phi3Decoder.forward); off = every row, as the reference does.
     prefill_last_rows_only: bool = True
+    # Decode steps look their rotary rows up in tables of every position below max_model_len (built
+    # at start, ~0.4 KB a position in bf16) instead of computing them; off = computed each step.
+    decode_rope_tables: bool = True
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -160,7 +163,8 @@ class _DecodeGraph:
 
     def run_eager(self, runner: "ModelRunner") -> torch.Tensor:
         cache = PagedBatch(runner.pool, kind="decode", slot_mapping=self.slot_mapping, block_tables=self.block_tables,
-                           long_rope=self.long_rope, context_lens=self.context_lens, num_splits=self.num_splits, scratch=self.scratch)
+                           long_rope=self.long_rope, context_lens=self.context_lens, num_splits=self.num_splits, scratch=self.scratch,
+                           rope_tables=runner.rope_tables)
         return runner.model(self.input_ids, positions=self.positions, cache=cache, logits_to_keep=1, has_images=False)[:, -1]
 
     def capture(self, runner: "ModelRunner", pool) -> None:
@@ -205,6 +209,8 @@ class ModelRunner:
         self._next_token_slot = 0
         self.graphs_captured = False
         self.num_kv_heads = text.num_key_value_heads
+        self.rope_tables = (model.language_model.rotary.tables(config.max_model_len, self.dtype)
+                            if config.decode_rope_tables else None)
         # (padding applies on any device, so the CPU tests check it; only CUDA has cuDNN's plans)
         self.cudnn_prefill = config.cudnn_prefill and self.num_kv_heads == self.num_heads
         if config.use_cuda_graphs and self.device.type == "cuda":

@@ -1,5 +1,6 @@
-"""Small fused kernels: the decoder's RMSNorm (with the residual add), SiLU-gate and rotary; the
-vision tower's LayerNorm (with the residual add) and quick-GELU.
+"""Small fused kernels: the decoder's RMSNorm (with the residual add), SiLU-gate and rotary, a decode
+step's inputs (embedding and rotary rows); the vision tower's LayerNorm (with the residual add) and
+quick-GELU.
 
 At batch 1 a decode step is ~30 tiny element-wise launches per layer when written in plain
 PyTorch; inside a CUDA graph each still costs microseconds. These Triton kernels do each job in
@@ -83,6 +84,26 @@ if triton_available():
         scaled = (1.702 * xf).to(x.dtype).to(tl.float32)
         gate = (1.0 / (1.0 + tl.exp(-scaled))).to(x.dtype).to(tl.float32)
         tl.store(OUT + offs, (xf * gate).to(x.dtype), mask=mask)
+
+    @triton.jit
+    def _decode_inputs_kernel(IDS, POS, LONG, EMB, COS_T, SIN_T, X, COS, SIN, stride_ids, stride_pos, stride_emb, stride_x,
+                              stride_t, stride_cs, hidden, head_dim, short_rows, last_row,
+                              BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        # One program per row: the token's embedding row and its position's rotary rows, copied.
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = tl.program_id(0)
+        token = tl.maximum(tl.load(IDS + row * stride_ids), 0)  # as the embedding's clamp: placeholders look up 0
+        h = tl.arange(0, BLOCK_H)
+        tl.store(X + row * stride_x + h, tl.load(EMB + token * stride_emb + h, mask=h < hidden), mask=h < hidden)
+        pos = tl.load(POS + row * stride_pos)
+        at = tl.where(tl.load(LONG + row) != 0, pos + short_rows, pos)
+        at = tl.minimum(tl.maximum(at, 0), last_row)
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < head_dim
+        tl.store(COS + row * stride_cs + d, tl.load(COS_T + at * stride_t + d, mask=d_mask), mask=d_mask)
+        tl.store(SIN + row * stride_cs + d, tl.load(SIN_T + at * stride_t + d, mask=d_mask), mask=d_mask)
 
     @triton.jit
     def _rope_kernel(QKV, COS, SIN, stride_tok, stride_cs, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -197,6 +218,34 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     block = 2048
     _quick_gelu_kernel[(triton.cdiv(n, block),)](x, out, n, BLOCK=block)
     return out
+
+
+def decode_inputs(input_ids: torch.Tensor, positions: torch.Tensor, use_long: torch.Tensor, embed_weight: torch.Tensor,
+                  tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's embeddings and rotary rows: input_ids, positions (B, 1), use_long (B,) bool,
+    `tables` a model.rope.RopeTables -> embeds (B, 1, hidden), cos, sin (B, 1, D).
+
+    The same values as the embedding (with its clamp of placeholder ids to 0) and LongRopeEmbedding
+    compute, in one kernel on CUDA instead of ~12 small ones (a clamp, the lookup, and ten
+    element-wise steps of the rotary), which in a captured batch-1 step run one after another
+    without PDL. Rows are clamped into the tables (a position past them is a caller's bug; the
+    runner's positions stay below max_model_len)."""
+    batch = input_ids.shape[0]
+    last_row = tables.cos.shape[0] - 1
+    if not _use_triton(input_ids):
+        rows = tables.rows(positions, use_long[:, None]).clamp(0, last_row)  # (B, 1)
+        return F.embedding(input_ids.clamp(min=0), embed_weight), tables.cos[rows], tables.sin[rows]
+    hidden, head_dim = embed_weight.shape[1], tables.cos.shape[1]
+    embeds = torch.empty((batch, 1, hidden), dtype=embed_weight.dtype, device=input_ids.device)
+    cos = torch.empty((batch, 1, head_dim), dtype=tables.cos.dtype, device=input_ids.device)
+    sin = torch.empty_like(cos)
+    _decode_inputs_kernel[(batch,)](
+        input_ids, positions, use_long, embed_weight, tables.cos, tables.sin, embeds, cos, sin, input_ids.stride(0),
+        positions.stride(0), embed_weight.stride(0), embeds.stride(0), tables.cos.stride(0), cos.stride(0), hidden,
+        head_dim, tables.short_rows, last_row, BLOCK_H=triton.next_power_of_2(hidden),
+        BLOCK_D=triton.next_power_of_2(head_dim), **pdl_launch(input_ids),
+    )
+    return embeds, cos, sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

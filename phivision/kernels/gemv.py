@@ -64,18 +64,21 @@ if triton_available():
                         other=0.0)
             acc += w.to(tl.float32) * _gemv_x_tile(X, k, cols, K, GATED)[None, :]
         y = tl.sum(acc, axis=1)
-        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_mask)
+        # Rounded to the input's dtype first, as the product's output; a float32 Y (the logits) then
+        # holds that value exactly, without a separate cast kernel.
+        tl.store(Y + rows, y.to(X.dtype.element_ty).to(Y.dtype.element_ty), mask=row_mask)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False, block_n: int = GEMV_BLOCK_N,
-         block_k: int = GEMV_BLOCK_K, num_warps: int = GEMV_NUM_WARPS, num_stages: int = GEMV_NUM_STAGES,
-         pdl: bool = True) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, *, gated: bool = False, out_dtype: torch.dtype | None = None,
+         block_n: int = GEMV_BLOCK_N, block_k: int = GEMV_BLOCK_K, num_warps: int = GEMV_NUM_WARPS,
+         num_stages: int = GEMV_NUM_STAGES, pdl: bool = True) -> torch.Tensor:
     """x (K,) contiguous, weight (N, K) row-major -> (N,) in x's dtype, accumulated in float32.
-    gated: x is [gate | up] (2K,) and the product is weight @ (up * silu(gate))."""
+    gated: x is [gate | up] (2K,) and the product is weight @ (up * silu(gate)).
+    out_dtype: the result stored in that dtype, after rounding to x's (= the product, then a cast)."""
     n, k = weight.shape
     if x.numel() != (2 * k if gated else k):
         raise ValueError(f"gemv: input of {x.numel()} for a weight of {n}x{k} (gated={gated})")
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, dtype=out_dtype or x.dtype, device=x.device)
     launch = pdl_launch(x) if pdl else {"USE_PDL": False}
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
                                              NUM_STAGES=num_stages, GATED=gated, num_warps=num_warps, **launch)
@@ -93,11 +96,13 @@ def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T without bias; one-row half-precision inputs on CUDA use the Triton kernel."""
+def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ weight.T without bias, then cast to out_dtype if given; one-row half-precision inputs on
+    CUDA use the Triton kernel (which writes out_dtype itself: one kernel less for the logits)."""
     if _gemv_applies(x, weight):
-        return gemv(x.reshape(-1).contiguous(), weight).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
+        return gemv(x.reshape(-1).contiguous(), weight, out_dtype=out_dtype).view(*x.shape[:-1], weight.shape[0])
+    y = F.linear(x, weight)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def gated_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

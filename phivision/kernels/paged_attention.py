@@ -201,7 +201,8 @@ if triton_available():
                              stride_acc_b, stride_acc_h, stride_acc_s, stride_ml_b, stride_ml_h, stride_out_b,
                              sm_scale, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, KV_GROUP: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
-                             NUM_STAGES: tl.constexpr, FUSED_COMBINE: tl.constexpr, USE_PDL: tl.constexpr):
+                             NUM_STAGES: tl.constexpr, FUSED_COMBINE: tl.constexpr, PRELOAD: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         # One program per (sequence, head, split of the context). The head is loaded as two
         # power-of-two parts (96 = 64 + 32): a single 128-wide tile masked to 96 wasted a quarter of
         # each load and ran 10-17% slower (benchmarks/exp_decode_kernels.py). With one split the
@@ -219,10 +220,21 @@ if triton_available():
         da = tl.arange(0, D_A)
         db = D_A + tl.arange(0, D_B)
         b_mask = db < HEAD_DIM
+        # The lengths and block tables reach the device by copies queued before the step's first
+        # kernel, and no kernel writes them: they are read before the wait, so that once the qkv
+        # product is done the first key/value loads go out at once, not two dependent reads later.
+        # The split's first PRELOAD block numbers are held in registers; any further ones are read
+        # in the loop. (PRELOAD 0: everything read after the wait, as before, for comparisons.)
+        table = BLOCK_TABLES + seq * stride_bt
+        if PRELOAD > 0:
+            context, first, last = _split_blocks(CONTEXT_LENS, seq, split, NUM_SPLITS, BLOCK_SIZE)
+            j = tl.arange(0, PRELOAD)
+            preloaded = tl.load(table + first + j, mask=first + j < last, other=0)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        context, first, last = _split_blocks(CONTEXT_LENS, seq, split, NUM_SPLITS, BLOCK_SIZE)
+        if PRELOAD == 0:
+            context, first, last = _split_blocks(CONTEXT_LENS, seq, split, NUM_SPLITS, BLOCK_SIZE)
         q_ptr = QKV + seq * stride_tok + head * HEAD_DIM
         qa = tl.load(q_ptr + da).to(tl.float32) * sm_scale
         qb = tl.load(q_ptr + db, mask=b_mask, other=0.0).to(tl.float32) * sm_scale
@@ -231,7 +243,12 @@ if triton_available():
         acc_a = tl.zeros([D_A], tl.float32)
         acc_b = tl.zeros([D_B], tl.float32)
         for i in tl.range(first, last, num_stages=NUM_STAGES):
-            block = tl.load(BLOCK_TABLES + seq * stride_bt + i)
+            if PRELOAD > 0:
+                k = i - first
+                later = tl.load(table + i, mask=k >= PRELOAD, other=0)  # predicated off within the preloaded ones
+                block = tl.where(k < PRELOAD, tl.sum(tl.where(j == k, preloaded, 0), axis=0), later)
+            else:
+                block = tl.load(table + i)
             valid = (i * BLOCK_SIZE + t) < context
             base = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt
             # All four tiles requested before any arithmetic.
@@ -316,6 +333,9 @@ DECODE_NUM_STAGES = None  # 3 with one split, 2 with several
 # _decode_split_kernel): on an H200 the captured batch-1 step took 2.745 ms against 2.837 at 2.5K
 # context, 3.11 against 3.29 at 6.1K (benchmarks/RESULTS.md, 2026-12-03 second session).
 DECODE_FUSED_COMBINE = True
+# Block numbers of each split read before the PDL wait (a power of two, or 0 for none; see
+# _decode_split_kernel).
+DECODE_PRELOAD_BLOCKS = 8
 
 
 def _head_parts(head_dim: int) -> tuple[int, int]:
@@ -411,13 +431,17 @@ def paged_decode_attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     part_a, part_b = _head_parts(head_dim)
     launch = pdl_launch(qkv)
     splits_p2 = triton.next_power_of_2(num_splits)
+    # A compile-time constant from the launch shape only (the table's width and the split count),
+    # so a graph and the prefill's last rows, with the same tables, run one variant.
+    per_split = -(-block_tables.shape[1] // num_splits)
+    preload = min(DECODE_PRELOAD_BLOCKS, triton.next_power_of_2(per_split)) if DECODE_PRELOAD_BLOCKS > 0 else 0
     _decode_split_kernel[(num_seqs, num_heads, num_splits)](
         qkv, k_pool, v_pool, block_tables, context_lens, acc, m, l, counts, out,
         qkv.stride(0), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0),
         1.0 / math.sqrt(head_dim), NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, KV_GROUP=num_heads // num_kv_heads,
         BLOCK_SIZE=k_pool.shape[2], HEAD_DIM=head_dim, D_A=part_a, D_B=part_b, NUM_STAGES=num_stages,
-        FUSED_COMBINE=fused_combine, num_warps=num_warps, **launch,
+        FUSED_COMBINE=fused_combine, PRELOAD=preload, num_warps=num_warps, **launch,
     )
     if num_splits > 1 and not fused_combine:
         _decode_combine_kernel[(num_seqs, num_heads)](

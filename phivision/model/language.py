@@ -220,8 +220,12 @@ class Phi3Decoder(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: KVCache | None,
         keep: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(B, T, hidden) embeddings -> (B, T, hidden) normed hidden states; writes T new slots into `cache`.
+
+        `rope`: the (cos, sin) (B, T, D) of `positions` when the caller has them already (a decode
+        step looks them up, kernels.fused.decode_inputs); else computed here.
 
         `keep` (S,), for a paged prefill whose batch asks for it (`PagedBatch.last_rows_only`): the
         columns whose hidden states the caller needs, each chunk's last. The result is then (B, S,
@@ -230,7 +234,7 @@ class Phi3Decoder(nn.Module):
         of a layer's work). Each kept row's arithmetic is the same as with every row computed.
         """
         num_new = inputs_embeds.shape[1]
-        cos, sin = self.rotary(positions, inputs_embeds.dtype, getattr(cache, "long_rope", None))
+        cos, sin = rope if rope is not None else self.rotary(positions, inputs_embeds.dtype, getattr(cache, "long_rope", None))
         if getattr(cache, "paged", False):
             mask, is_causal = None, False  # a paged batch masks through its block tables and lengths
         else:

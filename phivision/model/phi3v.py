@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..kernels.fused import decode_inputs
 from ..kernels.gemv import linear
 from ..config import ModelConfig
 from ..errors import PromptError
@@ -164,13 +165,21 @@ class Phi3VForCausalLM(nn.Module):
             if pixel_values is None or image_sizes is None:
                 raise PromptError("input_ids contain image placeholders (negative ids) but pixel_values/image_sizes were not given")
             image_features = self.encode_images(pixel_values.to(device), image_sizes)
-        embeds = self._embed(input_ids, image_features, has_images, host_ids)  # (B, T, hidden)
+        rope_tables = getattr(cache, "rope_tables", None)  # a decode step of the engine's (PagedBatch)
+        if rope_tables is not None and not has_images and num_new == 1:
+            # Its embeddings and rotary rows looked up in one kernel (identical values).
+            embeds, cos, sin = decode_inputs(input_ids, positions, cache.long_rope, self.language_model.embed_tokens.weight,
+                                             rope_tables)  # (B, 1, hidden), (B, 1, D) twice
+            rope = (cos, sin)
+        else:
+            embeds = self._embed(input_ids, image_features, has_images, host_ids)  # (B, T, hidden)
+            rope = None
         keep = None if logits_positions is None else to_device(torch.tensor(logits_positions), device)  # (S,)
         last_rows_only = keep is not None and getattr(cache, "last_rows_only", False)
         if last_rows_only and list(logits_positions) != cache.last_columns():
             raise ValueError(f"logits_positions {list(logits_positions)} are not the batch's last columns {cache.last_columns()}")
         hidden = self.language_model(embeds, positions, attention_mask, cache,
-                                     keep if last_rows_only else None)  # (B, T, hidden), or (B, S, hidden)
+                                     keep if last_rows_only else None, rope=rope)  # (B, T, hidden), or (B, S, hidden)
         if cache is not None and not paged:
             cache.advance(num_new)
         if keep is not None:
@@ -178,7 +187,7 @@ class Phi3VForCausalLM(nn.Module):
                 hidden = hidden[:, keep]
         elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        return linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight, out_dtype=torch.float32)
 
 
 def placeholder_index(input_ids: torch.Tensor, num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

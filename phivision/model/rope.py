@@ -72,3 +72,32 @@ class LongRopeEmbedding(nn.Module):
         cos = emb.cos() * self.attention_factor
         sin = emb.sin() * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
+
+    @torch.no_grad()
+    def tables(self, max_positions: int, dtype: torch.dtype) -> "RopeTables":
+        """(cos, sin) of every position below `max_positions`, with each factor set, for decode steps
+        to look up instead of computing (see RopeTables). Computed by `forward` itself, element by
+        element the same operations, so a looked-up row equals the computed one bit for bit."""
+        device = self.inv_freq_short.device
+        short_rows = min(max_positions, self.original_max_position_embeddings)
+        long_rows = max_positions if max_positions > self.original_max_position_embeddings else 0
+        parts = [self(torch.arange(short_rows, device=device)[None], dtype, torch.tensor([False], device=device))]
+        if long_rows:
+            parts.append(self(torch.arange(long_rows, device=device)[None], dtype, torch.tensor([True], device=device)))
+        cos = torch.cat([c[0] for c, _ in parts])  # (short_rows + long_rows, D)
+        sin = torch.cat([s[0] for _, s in parts])
+        return RopeTables(cos, sin, short_rows)
+
+
+class RopeTables:
+    """Rotary rows looked up by position: rows [0, short_rows) hold positions 0.. with the short
+    factors, rows from short_rows on positions 0.. with the long ones. A row with the short set is
+    at most original_max_position_embeddings - 1 (the set is chosen by the sequence's length), so
+    the short part stops there; the long part covers the whole context."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, short_rows: int):
+        self.cos, self.sin, self.short_rows = cos, sin, short_rows
+
+    def rows(self, positions: torch.Tensor, use_long: torch.Tensor) -> torch.Tensor:
+        """Table row of each position (int64, any shape) under its factor set (bool, broadcast)."""
+        return torch.where(use_long, positions + self.short_rows, positions)

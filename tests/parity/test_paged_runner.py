@@ -210,6 +210,30 @@ def test_decode_inputs_of_a_padded_batch(model, tiny_checkpoint, tiny_manifest):
         assert torch.allclose(alone[0], together[row], atol=1e-5), row
 
 
+def test_decode_with_rope_tables_equals_computed_rotary(model, tiny_manifest):
+    """Decode steps whose rotary rows are looked up (the default) give the logits of steps that
+    compute them, on both sides of the original context (the long factors from 4,097 tokens on in
+    the real model), for a padded batch."""
+    ids = next(c for c in tiny_manifest["cases"] if c["id"] == "long_text_over_64")["expected"]["input_ids"]
+    original = model.config.text.original_max_position_embeddings
+    prompts = [ids[: original - 4], ids[:70]]
+    assert len(ids) >= 70 > original
+    tables = [list(range(1, 7)), list(range(7, 13))]  # 96 slots each
+    results = []
+    for lookup in (False, True):
+        runner = ModelRunner(model, RunnerConfig(num_blocks=64, block_size=16, max_num_seqs=4, max_model_len=1024,
+                                                 decode_rope_tables=lookup))
+        assert (runner.rope_tables is not None) == lookup
+        for prompt, table in zip(prompts, tables):
+            runner.prefill(prompt, 0, table, None, len(prompt) > original)
+        steps, lengths = [], [len(p) + 1 for p in prompts]
+        for step in range(6):  # the first row crosses the original context on the way
+            steps.append(runner.decode([40 + step, 50 + step], lengths, tables))
+            lengths = [n + 1 for n in lengths]
+        results.append(torch.stack(steps))
+    assert torch.equal(results[0], results[1])
+
+
 def test_graph_inputs_are_16_byte_aligned(model):
     """Every decode graph's inputs start at 16-byte boundaries, as the tensors a prefill's last rows
     pass to the same kernel do: Triton compiles a kernel variant per pointer alignment, and a graph

@@ -176,6 +176,32 @@ def test_rope_tables_follow_the_spec():
             torch.testing.assert_close(sin[row, t], torch.tensor([math.sin(a) * f for a in angles]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_positions", [10, 40])  # under and over the tiny model's original context of 16
+def test_rope_table_rows_equal_the_computed_rotary_bit_for_bit(dtype, max_positions):
+    """A decode step's rotary rows looked up in RopeTables are exactly what forward computes for
+    that position and factor set (the tables hold short rows only below the original context)."""
+    from phivision.kernels.fused import decode_inputs
+
+    config = ModelConfig.from_dict(tiny_config_dict()).text
+    rope = LongRopeEmbedding(config)
+    tables = rope.tables(max_positions, dtype)
+    original = config.original_max_position_embeddings
+    assert tables.short_rows == min(max_positions, original)
+    assert tables.cos.shape == (tables.short_rows + (max_positions if max_positions > original else 0), config.head_dim)
+    positions = torch.arange(max_positions)[:, None]  # (P, 1): one decode row per position
+    use_long = positions[:, 0] + 1 > original  # the runner's rule: the sequence's length over the original context
+    embed = torch.randn(50, 12, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ids = torch.arange(max_positions)[:, None] % 50 - 3  # a few negative: placeholders look up row 0, as _embed's clamp
+    embeds, cos, sin = decode_inputs(ids, positions, use_long, embed, tables)
+    want_cos, want_sin = rope(positions, dtype, use_long)
+    assert cos.dtype == dtype and torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert torch.equal(embeds, torch.nn.functional.embedding(ids.clamp(min=0), embed))
+    if max_positions > original:  # a short-set row of the same position differs: the lookup honours the flag
+        short_cos, _ = decode_inputs(ids[-1:], positions[-1:], torch.tensor([False]), embed, tables)[1:]
+        assert not torch.equal(short_cos, cos[-1:])
+
+
 # ---------------------------------------------------------------------------------------------- images
 
 
