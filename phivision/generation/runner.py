@@ -146,8 +146,18 @@ class _DecodeGraph:
         num_heads, head_dim = runner.num_heads, runner.head_dim
         self.num_splits = decode_splits(batch, num_heads, runner.num_sms)
         self.scratch = decode_scratch(batch, num_heads, self.num_splits, head_dim, device)
+        self._ids_end = offsets["positions"]  # bytes of input_ids at the buffers' start
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        # The captured step ends with each row's argmax written over its own input ids: a greedy
+        # step queued after it reads its tokens there, with nothing to copy between the two (see
+        # ModelRunner.decode_queued). Rows' ids are read at the step's start and written at its end.
+        self.argmax = self.input_ids[:, 0]  # (B,) int64, a view
+
+    def feeds_itself(self, tokens: "DeviceTokens", batch: int) -> bool:
+        """Whether `tokens` are this graph's own argmax of every row of a step of `batch` rows."""
+        return (self.graph is not None and tokens.rows is None and tokens.device.shape[0] == batch
+                and tokens.device.data_ptr() == self.argmax.data_ptr())
 
     def host_inputs(self) -> dict[str, np.ndarray]:
         """The pinned host views, once the previous step's copy out of them has finished."""
@@ -155,9 +165,11 @@ class _DecodeGraph:
             self._copied.synchronize()
         return self.host
 
-    def upload(self) -> None:
-        """One asynchronous copy of every input to the device."""
-        self._device_bytes.copy_(self._host_bytes, non_blocking=True)
+    def upload(self, keep_ids: bool = False) -> None:
+        """One asynchronous copy of every input to the device (keep_ids: all but input_ids, which
+        the previous replay left there)."""
+        start = self._ids_end if keep_ids else 0
+        self._device_bytes[start:].copy_(self._host_bytes[start:], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
@@ -177,6 +189,7 @@ class _DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = self.run_eager(runner)
+            torch.argmax(self.logits, dim=-1, out=self.argmax)
 
 
 class ModelRunner:
@@ -390,6 +403,7 @@ class ModelRunner:
         positions = inputs["positions"][:, 0]
         positions[:] = lens - 1
         on_device = isinstance(last_tokens, DeviceTokens)
+        in_place = on_device and g.feeds_itself(last_tokens, batch)
         inputs["input_ids"][:batch, 0] = 0 if on_device else last_tokens
         inputs["input_ids"][batch:] = 0
         tables = _table_array(block_tables, *inputs["block_tables"].shape, out=inputs["block_tables"])
@@ -397,8 +411,8 @@ class ModelRunner:
         inputs["slot_mapping"][:batch] = tables[rows, positions[:batch] // size].astype(np.int64) * size + positions[:batch] % size
         inputs["slot_mapping"][batch:] = -1
         inputs["long_rope"][:] = lens > self.original_max
-        g.upload()
-        if on_device:
+        g.upload(keep_ids=in_place)
+        if on_device and not in_place:
             if last_tokens.device.shape[0] != batch:
                 raise ValueError(f"{last_tokens.device.shape[0]} tokens on the device for a batch of {batch}")
             g.input_ids[:batch, 0].copy_(last_tokens.device)  # after the upload, in stream order
@@ -428,7 +442,12 @@ class ModelRunner:
         batch = logits.shape[0]
         slot = self._take_token_slot()
         device, host, event = slot[0][:batch], slot[1][:batch], slot[2]
-        if pick is None:
+        g = self._graph_for(batch)
+        if pick is None and g.graph is not None:
+            # The replay's own argmax, in its input ids: valid until that graph's next replay, and
+            # every reader of these tokens (the next step's inputs, select_tokens) is queued before it.
+            device = g.argmax[:batch]
+        elif pick is None:
             torch.argmax(logits, dim=-1, out=device)
         else:
             device.copy_(pick(logits))

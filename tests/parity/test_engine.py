@@ -340,15 +340,47 @@ def test_peak_activation_estimate_runs_the_largest_forwards(model, monkeypatch):
     assert peak == (4321, 777 + 2 * 2 * 80 * text.num_attention_heads * text.head_dim * 4)  # float32 here
 
 
-def test_lookahead_decode_gives_the_golden_tokens(model, processor, tiny_manifest, processor_golden):
+class _ReplayOnCpu:
+    """Stands in for a captured decode graph on the CPU: a replay runs the step into the graph's
+    static logits and ends with the argmax over its own input ids, as the captured graph does
+    (runner._DecodeGraph.capture), so the runner's bookkeeping around replays runs here too."""
+
+    def __init__(self, runner, graph):
+        self.runner, self.graph = runner, graph
+
+    def replay(self):
+        self.graph.logits.copy_(self.graph.run_eager(self.runner))
+        torch.argmax(self.graph.logits, dim=-1, out=self.graph.argmax)
+
+
+def _lookahead_engine(model, processor, replayed: bool, **overrides):
+    """An engine with lookahead decode; `replayed`: its decode steps go through _ReplayOnCpu."""
+    engine = _engine(model, processor, lookahead_decode=True, **overrides)
+    if replayed:
+        runner = engine.runner
+        for graph in runner._graphs.values():
+            graph.logits = torch.empty(graph.batch, model.config.text.vocab_size)
+            graph.graph = _ReplayOnCpu(runner, graph)
+    return engine
+
+
+@pytest.mark.parametrize("replayed", [False, True])
+def test_lookahead_decode_gives_the_golden_tokens(model, processor, tiny_manifest, processor_golden, replayed, monkeypatch):
     # Small blocks: sequences often cross into a new block, where no step is queued ahead.
-    engine = _engine(model, processor, lookahead_decode=True, block_size=16)
+    engine = _lookahead_engine(model, processor, replayed, block_size=16)
+    from phivision.generation.runner import _DecodeGraph
+
+    uploads = []
+    upload = _DecodeGraph.upload
+    monkeypatch.setattr(_DecodeGraph, "upload", lambda self, keep_ids=False: uploads.append(keep_ids) or upload(self, keep_ids))
     results = _run(engine, tiny_manifest["cases"], processor_golden)
     for case, tokens in zip(tiny_manifest["cases"], results):
         assert tokens == case["expected"]["greedy_new_tokens"], case["id"]
     used, queued = engine.num_lookahead_steps["used"], engine.num_lookahead_steps["queued"]
     assert 0 < used <= queued
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    # With replays, a greedy step queued ahead reads the tokens the step before left in its inputs.
+    assert any(uploads) == replayed and not all(uploads)
 
 
 def _scripted(engine):
@@ -372,9 +404,10 @@ def _scripted(engine):
     return [tokens.get(rid, []) for rid in rids]
 
 
-def test_lookahead_decode_survives_arrivals_aborts_and_finishes(model, processor):
+@pytest.mark.parametrize("replayed", [False, True])
+def test_lookahead_decode_survives_arrivals_aborts_and_finishes(model, processor, replayed):
     plain = _scripted(_engine(model, processor, lookahead_decode=False))
-    engine = _engine(model, processor, lookahead_decode=True)
+    engine = _lookahead_engine(model, processor, replayed)
     ahead = _scripted(engine)
     assert ahead == plain
     assert [len(t) for t in ahead][::2] == [30, 30]
@@ -383,7 +416,8 @@ def test_lookahead_decode_survives_arrivals_aborts_and_finishes(model, processor
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
 
 
-def test_lookahead_rows_of_a_stopped_sequence_are_left_out(model, processor, monkeypatch):
+@pytest.mark.parametrize("replayed", [False, True])
+def test_lookahead_rows_of_a_stopped_sequence_are_left_out(model, processor, monkeypatch, replayed):
     prompt = "<|user|>\nTell me a long story about {}.<|end|>\n<|assistant|>\n"
 
     def run(engine, stop_a):
@@ -395,7 +429,7 @@ def test_lookahead_rows_of_a_stopped_sequence_are_left_out(model, processor, mon
     free = run(_engine(model, processor, lookahead_decode=False), (-1,))
     stop = free[0][6]  # the first request stops at this token's first occurrence, mid-decode
     plain = run(_engine(model, processor, lookahead_decode=False), (stop,))
-    engine = _engine(model, processor, lookahead_decode=True)
+    engine = _lookahead_engine(model, processor, replayed)
     selected = []
     select = engine.runner.select_tokens
     monkeypatch.setattr(engine.runner, "select_tokens", lambda tokens, rows: selected.append(list(rows)) or select(tokens, rows))
@@ -422,6 +456,26 @@ def test_lookahead_with_sampling_unless_seeded(model, processor):
     engine = _engine(model, processor, lookahead_decode=True)
     assert run(engine, seeded) == run(_engine(model, processor, lookahead_decode=False), seeded)
     assert engine.num_lookahead_steps["queued"] == 0
+
+
+def test_replayed_lookahead_feeds_sampled_tokens_not_the_argmax(model, processor):
+    """A replayed step always ends with the argmax in its input ids; a sampled batch queued after it
+    must still be fed its samples. Same seed, same draws: with and without replays alike."""
+    prompt = "<|user|>\nTell me a long story about {}.<|end|>\n<|assistant|>\n"
+
+    def run(engine, params):
+        return _drain(engine, [engine.add_prompt(prompt.format(animal), [], params) for animal in ("a cat", "a dog")])
+
+    sampled = SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.95, ignore_eos=True)
+    results = []
+    for replayed in (False, True):
+        torch.manual_seed(3)
+        engine = _lookahead_engine(model, processor, replayed)
+        results.append(run(engine, sampled))
+        assert engine.num_lookahead_steps["used"] > 0
+    assert results[0] == results[1]
+    greedy = run(_lookahead_engine(model, processor, True), SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert greedy != results[0]
 
 
 def test_prefill_attention_padded_to_buckets_gives_the_golden_tokens(model, processor, tiny_manifest, processor_golden,
