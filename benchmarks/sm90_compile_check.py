@@ -37,16 +37,21 @@ def build(fn, constants: dict, pointers: dict, num_warps: int) -> dict:
 def main() -> None:
     rows = {}
     rows["decode_inputs"] = build(
-        fused._decode_inputs_kernel, {"BLOCK_H": 4096, "BLOCK_D": 128, "USE_PDL": True},
+        fused._decode_inputs_kernel,
+        {"BLOCK_H": triton.next_power_of_2(3072), "BLOCK_D": triton.next_power_of_2(96), "USE_PDL": True},
         {"IDS": "*i64", "POS": "*i64", "LONG": "*i1", "EMB": "*bf16", "COS_T": "*bf16", "SIN_T": "*bf16", "X": "*bf16",
          "COS": "*bf16", "SIN": "*bf16"}, num_warps=4)
     rows["gemv, float32 out"] = build(
         gemv._gemv_kernel, {"BLOCK_N": gemv.GEMV_BLOCK_N, "BLOCK_K": gemv.GEMV_BLOCK_K, "NUM_STAGES": gemv.GEMV_NUM_STAGES,
                             "GATED": False, "USE_PDL": True},
         {"X": "*bf16", "W": "*bf16", "Y": "*fp32"}, num_warps=gemv.GEMV_NUM_WARPS)
-    # W1's batch-1 launch: 25 splits of 64-token blocks, 96-wide heads as 64 + 32, one kv head per head.
-    split = {"NUM_SPLITS": 25, "SPLITS_P2": 32, "KV_GROUP": 1, "BLOCK_SIZE": 64, "HEAD_DIM": 96, "D_A": 64, "D_B": 32,
-             "NUM_STAGES": 2, "FUSED_COMBINE": True, "USE_PDL": True}
+    # A batch-1 launch on an H100 (132 SMs), as paged_decode_attention derives it: 32 heads of 96 with
+    # one kv head each, 64-token blocks, several splits (so 2 stages).
+    splits = paged_attention.decode_splits(1, 32, 132)
+    part_a, part_b = paged_attention._head_parts(96)
+    split = {"NUM_SPLITS": splits, "SPLITS_P2": triton.next_power_of_2(splits), "KV_GROUP": 1, "BLOCK_SIZE": 64,
+             "HEAD_DIM": 96, "D_A": part_a, "D_B": part_b, "NUM_STAGES": 2,
+             "FUSED_COMBINE": paged_attention.DECODE_FUSED_COMBINE, "USE_PDL": True}
     pointers = {"QKV": "*bf16", "K_POOL": "*bf16", "V_POOL": "*bf16", "BLOCK_TABLES": "*i32", "CONTEXT_LENS": "*i32",
                 "ACC": "*fp32", "M": "*fp32", "L": "*fp32", "COUNTS": "*i32", "OUT": "*bf16"}
     for preload in (0, 2, paged_attention.DECODE_PRELOAD_BLOCKS):
