@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from phivision.processing import png
 from phivision.processing.prompt import Processor
 from phivision.weights import load_model
 
-from make_checkpoint import write_bench_checkpoint  # this folder: the script's own (sys.path[0])
+from make_checkpoint import bench_checkpoint  # this folder: the script's own (sys.path[0])
 
 ROOT = Path(__file__).resolve().parents[1]
 KV_BYTES_PER_TOKEN = 32 * 2 * 3072 * 2  # layers x (k, v) x hidden x bf16 = 384 KiB
@@ -311,6 +310,9 @@ def main() -> None:
     parser.add_argument("--workloads", default="W1,W2,W3")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="folder of the random checkpoint: reused if an earlier run wrote it, else written there "
+                             "and kept (default: a temporary folder)")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="max_num_batched_tokens and prefill_chunk_size of our engine (default: EngineConfig's)")
     parser.add_argument("--idle-s", type=float, default=0.0,
@@ -328,8 +330,7 @@ def main() -> None:
     report["prefill_chunk"] = args.prefill_chunk  # None: EngineConfig's default
     report["idle_s"] = args.idle_s
     report["ceilings"] = measure_ceilings()
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        ckpt = write_bench_checkpoint(args.shared, Path(tmp) / "ckpt")
+    with bench_checkpoint(args.shared, args.checkpoint) as ckpt:
         t0 = time.perf_counter()
         model = load_model(str(ckpt), device="cuda", dtype=torch.bfloat16, progress=False)
         report["load_s"] = time.perf_counter() - t0

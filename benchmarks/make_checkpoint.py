@@ -4,13 +4,17 @@
 
 The same checkpoint bench_latency.py and bench_serving.py write for themselves (through
 write_bench_checkpoint); the engine-only
-and profiling scripts (w4_engine_only.py, profile_prefill.py) take it as --model.
+and profiling scripts (w4_engine_only.py, profile_prefill.py) take it as --model, and
+bench_latency.py and exp_ttft_parts.py as --checkpoint (`bench_checkpoint`: written there once,
+reused by later processes; writing it takes ~45 s of a device call).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import tempfile
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +36,23 @@ def write_bench_checkpoint(shared: Path, out: Path) -> Path:
             shutil.copyfile(f, ckpt / f.name)
     print(f"random real-shape bf16 checkpoint written in {time.perf_counter() - start:.1f} s: {ckpt}", flush=True)
     return ckpt
+
+
+@contextlib.contextmanager
+def bench_checkpoint(shared: Path, folder: Path | None):
+    """The checkpoint's folder: `folder` as an earlier process left it, else written there (under a
+    temporary name renamed when complete, so a killed writer leaves nothing that looks whole), or
+    written in a temporary folder removed on exit when `folder` is None."""
+    if folder is None:
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+            yield write_bench_checkpoint(shared, Path(tmp) / "ckpt")
+        return
+    if not (folder / "config.json").is_file():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        written = write_bench_checkpoint(shared, partial)
+        written.rename(folder)
+    yield folder
 
 
 def main() -> None:
