@@ -1,7 +1,8 @@
 """Experiment: W1's and W2's time to first token in its parts, untraced, from CUDA events and host
 clocks taken at the engine's seams (no profiler, whose per-operation host cost hides the gaps).
+First run 2026-12-07, seventeenth session (benchmarks/RESULTS.md).
 
-    python benchmarks/exp_ttft_parts.py [--workloads W1,W2] [--runs 6] [--out FILE.json]
+    python benchmarks/exp_ttft_parts.py [--workloads W1,W2] [--runs 6] [--checkpoint DIR] [--out FILE.json]
 
 Random real-shape weights, as bench_latency.py builds them; an engine sized as bench_latency.py
 sizes it. Each run starts from an idle, synchronised GPU; an event recorded then marks time zero.
@@ -87,9 +88,9 @@ def run(model, processor: Processor, name: str, runs: int) -> dict:
     seams_of = lambda: current[0]  # noqa: E731
     originals = [(image_cache, "preprocess_images", wrap(seams_of, image_cache, "preprocess_images", "upload_issued", None))]
     # Host-only seams of the CPU half (the engine module's own names; several images mark once each).
-    for name, before, after in (("load_image_or_pixels", None, "decoded"), ("staged_rgb", None, "staged"),
-                                ("tokenize_prompt", "tokenize_entered", "tokenized"), ("encode_images", "encode_entered", None)):
-        originals.append((engine_module, name, wrap(seams_of, engine_module, name, before, after, gpu=False)))
+    for function, before, after in (("load_image_or_pixels", None, "decoded"), ("staged_rgb", None, "staged"),
+                                    ("tokenize_prompt", "tokenize_entered", "tokenized"), ("encode_images", "encode_entered", None)):
+        originals.append((engine_module, function, wrap(seams_of, engine_module, function, before, after, gpu=False)))
     wrap(seams_of, model, "encode_images", None, "vision_done")
     wrap(seams_of, engine.runner, "prefill_many", "prefill_entered", "prefill_done")
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
