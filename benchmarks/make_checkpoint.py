@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import tempfile
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
