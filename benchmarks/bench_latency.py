@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import io
 import json
 import statistics
@@ -29,6 +30,7 @@ from PIL import Image
 
 from phivision.generation.engine import Engine, EngineConfig
 from phivision.generation.sampling import SamplingParams
+from phivision.kernels import flash4
 from phivision.processing import png
 from phivision.processing.prompt import Processor
 from phivision.weights import load_model
@@ -319,9 +321,9 @@ def main() -> None:
                         help="seconds the GPU idles before each run (default 0: back to back, each run starting right "
                              "after the previous one's decoding)")
     parser.add_argument("--ab-off", default="",
-                        help="comma-separated EngineConfig switches (lookahead_decode, cudnn_prefill), or pywuffs (PNGs "
-                             "decoded by libspng instead of Wuffs): also run each workload with each one off, before it "
-                             "(keys no_<switch>)")
+                        help="comma-separated EngineConfig switches (lookahead_decode, cudnn_prefill, flash4_prefill), "
+                             "or pywuffs (PNGs decoded by libspng instead of Wuffs): also run each workload with each one "
+                             "off, before it (keys no_<switch>)")
     args = parser.parse_args()
     names = args.workloads.split(",")
     config = json.loads((args.shared / "spec" / "phi35v-config.json").read_text())
@@ -329,6 +331,9 @@ def main() -> None:
               "settings": "batch 1, greedy, end-of-sequence ignored, random bf16 weights at the real shapes, CUDA graphs on"}
     report["prefill_chunk"] = args.prefill_chunk  # None: EngineConfig's default
     report["idle_s"] = args.idle_s
+    # Which kernel a prompt's attention runs on by default (EngineConfig.flash4_prefill's rule)
+    report["prefill_attention"] = (f"flash-attn-4 {importlib.metadata.version('flash-attn-4')}" if flash4.installed()
+                                   else "SDPA (cuDNN in length buckets)")
     report["ceilings"] = measure_ceilings()
     with bench_checkpoint(args.shared, args.checkpoint) as ckpt:
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import PhiVisionError, PromptError
+from ..kernels import flash4
 from ..processing.image import hd_grid, image_size, num_image_tokens_for_size, staged_rgb
 from ..processing.loading import load_image, load_image_or_pixels
 from ..processing.prompt import Processor, tokenize_prompt
@@ -78,6 +80,11 @@ class EngineConfig:
     # ~0.6 s to the first engine's start on an H200, and there are now 61 of 256). None: on CUDA in
     # half precision, with cuDNN.
     cudnn_prefill: bool | None = None
+    # One long prompt from its start gets FlashAttention-4's attention (kernels/flash4.py, see
+    # runner.FLASH4_PREFILL_MIN_TOKENS), compiled when the engine starts; cuDNN's then covers shorter
+    # prompts only. None: when flash-attn-4 is installed and supports the GPU (Hopper, Blackwell)
+    # in half precision.
+    flash4_prefill: bool | None = None
     # A prefill's last decoder layer runs its attention, output product and MLP at each prompt's
     # last token only: the other rows' outputs would feed nothing (their keys and values are still
     # computed). False = every row, the reference's order of work (for measurement).
@@ -207,6 +214,24 @@ class _Lookahead:
         return rows  # type: ignore[return-value]
 
 
+def _use_flash4_prefill(model: torch.nn.Module, config: EngineConfig) -> bool:
+    """An explicit setting, else: flash-attn-4 installed, supporting this GPU, dtype and head size,
+    and its kernel compiled and run once (a broken install falls back to SDPA, with a warning)."""
+    if config.flash4_prefill is not None:
+        return config.flash4_prefill
+    param = next(model.parameters())
+    text = model.config.text
+    if not flash4.supported(param.device, param.dtype, text.head_dim):
+        return False
+    try:
+        flash4.warm_up(param.device, param.dtype, text.num_attention_heads, text.num_key_value_heads, text.head_dim)
+    except Exception as exc:  # noqa: BLE001 - whatever the optional package raises, SDPA still works
+        warnings.warn(f"flash-attn-4 is installed but its attention kernel failed ({type(exc).__name__}: {exc}); "
+                      "prompts' attention runs through PyTorch's SDPA instead", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _use_cudnn_prefill(model: torch.nn.Module, config: EngineConfig) -> bool:
     if config.cudnn_prefill is not None:
         return config.cudnn_prefill
@@ -232,6 +257,7 @@ class Engine:
                                                       max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
                                                       use_cuda_graphs=config.use_cuda_graphs,
                                                       cudnn_prefill=_use_cudnn_prefill(model, config),
+                                                      flash4_prefill=_use_flash4_prefill(model, config),
                                                       prefill_last_rows_only=config.prefill_last_rows_only,
                                                       max_prefill_tokens=min(config.prefill_chunk_size,
                                                                              config.max_num_batched_tokens)))

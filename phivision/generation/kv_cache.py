@@ -130,7 +130,7 @@ class PagedBatch:
                  long_rope: torch.Tensor, context_lens: torch.Tensor | None = None, start: int = 0,
                  segments: list[tuple[int, int, int]] | None = None, cu_seqlens: torch.Tensor | None = None,
                  pad_to: int | None = None, num_splits: int = 1, scratch: tuple[torch.Tensor, ...] | None = None,
-                 last_rows_only: bool = False, rope_tables=None):
+                 last_rows_only: bool = False, rope_tables=None, flash4: bool = False):
         if kind not in ("decode", "prefill"):
             raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
         if last_rows_only and (kind != "prefill" or context_lens is None):
@@ -158,6 +158,9 @@ class PagedBatch:
         # decode: a model.rope.RopeTables, from which the step's rotary rows are looked up (with its
         # embeddings, in one kernel) instead of computed; None = computed
         self.rope_tables = rope_tables
+        # prefill of one sequence from its start (no padding): its attention through FlashAttention-4's
+        # kernels (kernels/flash4.py), which run the decoder's head of 96 unpadded
+        self.flash4 = flash4
 
     def last_columns(self) -> list[int]:
         """The column of each segment's last token in the packed row (prefill)."""
@@ -196,6 +199,8 @@ class PagedBatch:
             out = paged_decode_attention(flat, k_pool, v_pool, self.block_tables, self.context_lens, num_heads, head_dim,
                                          self.num_splits, self.scratch)  # (1, H*D)
             return out.view(1, 1, num_heads * head_dim)
+        if self.flash4:
+            return self._attend_flash4(layer_idx, x, qkv_weight, cos, sin, num_heads, num_kv_heads, head_dim)
         if self.pad_to is not None:
             return self._attend_padded(layer_idx, x, qkv_weight, cos, sin, num_heads, head_dim)
         return self.attend_qkv(layer_idx, linear(x, qkv_weight), cos, sin, num_heads, num_kv_heads, head_dim)
@@ -216,6 +221,21 @@ class PagedBatch:
                            self.pool.values[layer_idx], self.slot_mapping, num_heads, num_heads, head_dim)
         out = padded_causal_attention(qkv, num_heads, head_dim)  # (1, H, T_pad, D)
         return out[:, :, :num_new].transpose(1, 2).reshape(1, num_new, num_heads * head_dim)
+
+    def _attend_flash4(self, layer_idx: int, x: torch.Tensor, qkv_weight: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """One prompt from its start: projection, rotary and cache write as for any prefill, then
+        FlashAttention-4's causal kernel on the projection rows as they are."""
+        from ..kernels.flash4 import causal_self_attention
+        from ..kernels.gemv import linear
+        from ..kernels.paged_attention import rope_and_write_kv_
+
+        num_new = x.shape[1]
+        flat = linear(x, qkv_weight).reshape(num_new, -1)  # (T, (H + 2*H_kv) * D)
+        rope_and_write_kv_(flat, cos.reshape(num_new, -1), sin.reshape(num_new, -1), self.pool.keys[layer_idx],
+                           self.pool.values[layer_idx], self.slot_mapping, num_heads, num_kv_heads, head_dim)
+        out = causal_self_attention(flat, num_heads, num_kv_heads, head_dim)  # (T, H * D)
+        return out.view(1, num_new, num_heads * head_dim)
 
     def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:

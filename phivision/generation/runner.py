@@ -34,6 +34,14 @@ DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 # plan at every call in torch 2.11 (55-70 ms each: benchmarks/exp_cudnn_ragged.py).
 CUDNN_PREFILL_MIN_TOKENS = 1024
 CUDNN_PREFILL_BUCKET = 256
+# A prompt prefilled from its start in one chunk of at least FLASH4_PREFILL_MIN_TOKENS runs its
+# attention through FlashAttention-4 (RunnerConfig.flash4_prefill), before the cuDNN rule above.
+# FA4's kernel is faster at every length (H100, one layer's attention in a CUDA graph: 1,000 tokens
+# 0.025 ms against SDPA flash's 0.042 and cuDNN's 0.032; 2,534 tokens 0.090 against cuDNN's 0.118),
+# but its Python wrapper spends 120-330 us of host time a call (benchmarks/exp_flash4_attention.py,
+# two hosts). A layer's products take ~0.33 ms a 1,024 tokens on the GPU, so under ~2K tokens the
+# host would fall behind the GPU while queueing the prefill; those prompts keep cuDNN (or flash).
+FLASH4_PREFILL_MIN_TOKENS = 2048
 
 
 def _bucket(length: int) -> int:
@@ -91,6 +99,10 @@ class RunnerConfig:
     # plans of every bucket up to max_prefill_tokens are built at start.
     cudnn_prefill: bool = False
     max_prefill_tokens: int = 16384
+    # A prompt prefilled from its start in one chunk of FLASH4_PREFILL_MIN_TOKENS or more runs its
+    # attention through FlashAttention-4's kernels (kernels/flash4.py; no padding, no plans); the
+    # cuDNN rule above then covers the shorter ones only (fewer plans to build).
+    flash4_prefill: bool = False
     # A prefill's last decoder layer computes only keys and values at the rows whose outputs feed
     # no logits (see Phi3Decoder.forward); off = every row, as the reference does.
     prefill_last_rows_only: bool = True
@@ -230,6 +242,8 @@ class ModelRunner:
             self.capture_graphs()
         if self.cudnn_prefill and self.device.type == "cuda":
             self.build_prefill_plans()
+        if config.flash4_prefill and self.device.type == "cuda":
+            self.compile_flash4()
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -242,7 +256,10 @@ class ModelRunner:
 
     def prefill_buckets(self) -> list[int]:
         """The padded lengths a prompt's attention may have on the cuDNN path."""
-        first, last = _bucket(CUDNN_PREFILL_MIN_TOKENS), _bucket(self.config.max_prefill_tokens)
+        longest = self.config.max_prefill_tokens
+        if self.config.flash4_prefill:  # longer prompts go to FlashAttention-4
+            longest = min(longest, FLASH4_PREFILL_MIN_TOKENS - 1)
+        first, last = _bucket(CUDNN_PREFILL_MIN_TOKENS), _bucket(longest)
         return list(range(first, last + 1, CUDNN_PREFILL_BUCKET))
 
     @torch.inference_mode()
@@ -257,9 +274,22 @@ class ModelRunner:
                                         self.num_heads, self.head_dim)
         torch.cuda.synchronize(self.device)
 
+    @torch.inference_mode()
+    def compile_flash4(self) -> None:
+        """Runs FlashAttention-4's causal kernel once, so that it is compiled (seconds) now, not at
+        the first prompt. Its kernels are keyed by dtype and head shape, not by length."""
+        from ..kernels.flash4 import warm_up
+
+        warm_up(self.device, self.dtype, self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def _flash4(self, chunks: Sequence["PrefillChunk"]) -> bool:
+        """Whether a prefill's attention goes through FlashAttention-4: one long chunk from its start."""
+        return (self.config.flash4_prefill and len(chunks) == 1 and chunks[0].start == 0
+                and len(chunks[0].token_ids) >= FLASH4_PREFILL_MIN_TOKENS)
+
     def _padded_length(self, chunks: Sequence["PrefillChunk"]) -> int | None:
         """The bucket a prefill's attention is padded to (the cuDNN path), or None."""
-        if not self.cudnn_prefill or len(chunks) != 1 or chunks[0].start != 0:
+        if not self.cudnn_prefill or len(chunks) != 1 or chunks[0].start != 0 or self._flash4(chunks):
             return None
         length = len(chunks[0].token_ids)
         if length < CUDNN_PREFILL_MIN_TOKENS or length > self.config.max_prefill_tokens:
@@ -332,6 +362,7 @@ class ModelRunner:
             segments=segments,
             cu_seqlens=self._packed_offsets(segments),
             pad_to=(pad_to := self._padded_length(chunks)),
+            flash4=self._flash4(chunks),
             **self._last_rows(chunks),
         )
         with self._prefill_attention(padded=pad_to is not None):

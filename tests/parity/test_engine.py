@@ -512,6 +512,84 @@ def test_prefill_attention_padded_to_buckets_gives_the_golden_tokens(model, proc
     assert engine.num_steps["prefill"] > 1
 
 
+def test_prefill_attention_through_flash4_gives_the_golden_tokens(model, processor, tiny_manifest, processor_golden,
+                                                                  monkeypatch):
+    """The FlashAttention-4 path's plumbing, on the CPU: a stand-in with FA4's calling convention
+    ((1, T, H, D) strided views of the projection rows in, (out, lse) back) computes the reference's
+    attention, so this checks the views, the rotary and cache write before it, and the reshape
+    after. Every prompt prefilled from its start must take it, and chunks that continue a prompt
+    must not."""
+    from phivision.generation import runner as runner_module
+    from phivision.kernels import flash4
+    from phivision.model.language import attention
+
+    calls = []
+
+    def stand_in(q, k, v, causal):
+        assert causal and q.shape[0] == 1 and q.shape[1:] == k.shape[1:] == v.shape[1:]
+        assert q.stride(-1) == 1 and q.stride(1) == 3 * q.shape[2] * q.shape[3]  # rows of the qkv product, no copy
+        calls.append(q.shape[1])
+        out = attention(*(t.transpose(1, 2) for t in (q, k, v)), mask=None, is_causal=True)  # (1, H, T, D)
+        return out.transpose(1, 2), None
+
+    monkeypatch.setattr(flash4, "_flash_attn_func", stand_in)
+    monkeypatch.setattr(runner_module, "FLASH4_PREFILL_MIN_TOKENS", 1)  # the golden prompts are short
+    engine = _engine(model, processor, max_num_seqs=1, flash4_prefill=True, enable_prefix_caching=False)
+    assert engine.runner.config.flash4_prefill
+    layers = model.config.text.num_hidden_layers
+    for case in tiny_manifest["cases"]:
+        calls.clear()
+        assert _run(engine, [case], processor_golden)[0] == case["expected"]["greedy_new_tokens"], case["id"]
+        # the last layer attends at the last row only (the decode kernel), the others through FA4
+        assert len(calls) % (layers - 1) == 0 and calls, case["id"]
+    engine = _engine(model, processor, max_num_seqs=1, flash4_prefill=True, prefill_chunk_size=64)
+    calls.clear()
+    case = max(tiny_manifest["cases"], key=lambda c: len(c["images"]))
+    assert _run(engine, [case], processor_golden)[0] == case["expected"]["greedy_new_tokens"]
+    assert engine.num_steps["prefill"] > 1
+    assert len(calls) == layers - 1 and calls[0] <= 64  # only the chunk at position 0
+    # Under the length threshold, a prompt keeps SDPA.
+    monkeypatch.setattr(runner_module, "FLASH4_PREFILL_MIN_TOKENS", 10_000)
+    calls.clear()
+    case = tiny_manifest["cases"][0]
+    assert _run(engine, [case], processor_golden)[0] == case["expected"]["greedy_new_tokens"]
+    assert not calls
+
+
+def test_flash4_is_chosen_only_where_it_runs(model):
+    """Auto: never on the CPU or in float32, and an explicit setting wins. With FA4, cuDNN's plans
+    are built for the lengths under FA4's threshold only."""
+    from phivision.generation.engine import _use_cudnn_prefill, _use_flash4_prefill
+    from phivision.generation.runner import CUDNN_PREFILL_BUCKET, FLASH4_PREFILL_MIN_TOKENS, ModelRunner, RunnerConfig
+    from phivision.kernels import flash4
+
+    assert not flash4.supported(torch.device("cpu"), torch.bfloat16, 96)
+    assert not _use_flash4_prefill(model, EngineConfig())
+    assert _use_flash4_prefill(model, EngineConfig(flash4_prefill=True))
+    assert _use_cudnn_prefill(model, EngineConfig(flash4_prefill=True, cudnn_prefill=True))
+    both = ModelRunner(model, RunnerConfig(num_blocks=8, block_size=16, max_model_len=64, cudnn_prefill=True,
+                                           flash4_prefill=True))
+    cudnn_only = ModelRunner(model, RunnerConfig(num_blocks=8, block_size=16, max_model_len=64, cudnn_prefill=True))
+    assert both.prefill_buckets()[-1] == -(-(FLASH4_PREFILL_MIN_TOKENS - 1) // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET
+    assert cudnn_only.prefill_buckets()[-1] == 16384 and both.prefill_buckets()[0] == cudnn_only.prefill_buckets()[0]
+
+
+def test_a_broken_flash4_install_falls_back_to_sdpa(model, processor, tiny_manifest, processor_golden, monkeypatch):
+    """Auto mode runs FA4's kernel once first; if that raises, the engine warns and keeps SDPA."""
+    from phivision.kernels import flash4
+
+    def broken(q, k, v, causal):
+        raise RuntimeError("cannot load libcute_dsl_runtime.so")
+
+    monkeypatch.setattr(flash4, "_flash_attn_func", broken)
+    monkeypatch.setattr(flash4, "supported", lambda device, dtype, head_dim: True)
+    with pytest.warns(RuntimeWarning, match="libcute_dsl_runtime"):
+        engine = _engine(model, processor, max_num_seqs=1)
+    assert not engine.runner.config.flash4_prefill
+    case = tiny_manifest["cases"][0]
+    assert _run(engine, [case], processor_golden)[0] == case["expected"]["greedy_new_tokens"]
+
+
 def test_a_burst_of_image_requests_is_prefilled_in_whole_prompts(model, processor, tiny_manifest, processor_golden,
                                                                   monkeypatch):
     """W4's shape on the tiny model: six image requests at once, a step budget that holds two of
