@@ -7,11 +7,12 @@ such a head as one of 128, so a quarter of their products is padding: W2's promp
 ~408 TFLOP/s against the GPU's ~780 for plain products (RESULTS.md, sixth and ninth sessions), ~18 ms
 of its ~120 ms first token. FA4's Hopper kernel tiles a head of 96 as it is (192 x 128 tiles): on
 an H100 at W2's 6,076 tokens, 0.39-0.41 ms a layer (550-577 TFLOP/s) against cuDNN's 0.54
-(benchmarks/exp_flash4_attention.py). Its Python wrapper costs 120-310 us of host time a call, so
+(benchmarks/exp_flash4_attention.py). Its Python wrapper costs 120-330 us of host time a call, so
 short prompts keep SDPA (runner.FLASH4_PREFILL_MIN_TOKENS).
 
-The kernels are compiled for the GPU at their first call (~2.7 s; the engine makes that call when
-it starts) and cached by their compile-time settings (dtype, head size, causality), not by length.
+The package is imported at first use (importing CuTe DSL takes seconds), and the kernels are
+compiled for the GPU at their first call (2.7-3.7 s on two H100 hosts; the engine makes that call
+when it starts) and cached by their compile-time settings (dtype, head size, causality), not by length.
 They read the projection rows as the qkv product writes them: a query of head h is columns
 [h*D, (h+1)*D) of its token's row, so neither side needs a transpose copy, and nothing is padded.
 """
@@ -22,35 +23,47 @@ import warnings
 
 import torch
 
-try:
-    from flash_attn.cute import flash_attn_func as _flash_attn_func
-except Exception:  # noqa: BLE001 - optional; its import also fails without a CUDA-capable install
-    _flash_attn_func = None
-
 # Compute capability majors whose FA4 forward kernels exist in the package: Hopper (9) and
 # Blackwell (10). Ampere's path there (8) is FlashAttention-2's loop, no faster than PyTorch's.
 _MAJORS = (9, 10)
+# FA4's entry point once imported (None: not yet, or not installed); tests put a stand-in here
+_flash_attn_func = None
+_import_tried = False
+
+
+def _kernel():
+    """FA4's flash_attn_func, imported on the first call; None when the package is missing or broken."""
+    global _flash_attn_func, _import_tried
+    if _flash_attn_func is None and not _import_tried:
+        _import_tried = True
+        try:
+            from flash_attn.cute import flash_attn_func
+        except Exception:  # noqa: BLE001 - optional; its import also fails without a CUDA-capable install
+            flash_attn_func = None
+        _flash_attn_func = flash_attn_func
+    return _flash_attn_func
 
 
 def installed() -> bool:
-    return _flash_attn_func is not None
+    return _kernel() is not None
 
 
 def supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether FA4's kernels run on this device, in this dtype, at this head size."""
-    if _flash_attn_func is None or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     if head_dim % 8 or not 8 <= head_dim <= 256:
         return False
-    return torch.cuda.get_device_capability(device)[0] in _MAJORS
+    return torch.cuda.get_device_capability(device)[0] in _MAJORS and installed()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """(B, L, H, D) queries over (B, L, H_kv, D) keys and values -> (B, L, H, D). The inputs may be
     strided views (rows of a projection), with the head size contiguous."""
-    if _flash_attn_func is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("flash-attn-4 is not installed: pip install 'phivision[flash4]'")
-    out = _flash_attn_func(q, k, v, causal=causal)
+    out = kernel(q, k, v, causal=causal)
     return out[0] if isinstance(out, tuple) else out  # (out, lse)
 
 
