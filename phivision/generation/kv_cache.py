@@ -199,8 +199,6 @@ class PagedBatch:
             out = paged_decode_attention(flat, k_pool, v_pool, self.block_tables, self.context_lens, num_heads, head_dim,
                                          self.num_splits, self.scratch)  # (1, H*D)
             return out.view(1, 1, num_heads * head_dim)
-        if self.flash4:
-            return self._attend_flash4(layer_idx, x, qkv_weight, cos, sin, num_heads, num_kv_heads, head_dim)
         if self.pad_to is not None:
             return self._attend_padded(layer_idx, x, qkv_weight, cos, sin, num_heads, head_dim)
         return self.attend_qkv(layer_idx, linear(x, qkv_weight), cos, sin, num_heads, num_kv_heads, head_dim)
@@ -222,24 +220,10 @@ class PagedBatch:
         out = padded_causal_attention(qkv, num_heads, head_dim)  # (1, H, T_pad, D)
         return out[:, :, :num_new].transpose(1, 2).reshape(1, num_new, num_heads * head_dim)
 
-    def _attend_flash4(self, layer_idx: int, x: torch.Tensor, qkv_weight: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-        """One prompt from its start: projection, rotary and cache write as for any prefill, then
-        FlashAttention-4's causal kernel on the projection rows as they are."""
-        from ..kernels.flash4 import causal_self_attention
-        from ..kernels.gemv import linear
-        from ..kernels.paged_attention import rope_and_write_kv_
-
-        num_new = x.shape[1]
-        flat = linear(x, qkv_weight).reshape(num_new, -1)  # (T, (H + 2*H_kv) * D)
-        rope_and_write_kv_(flat, cos.reshape(num_new, -1), sin.reshape(num_new, -1), self.pool.keys[layer_idx],
-                           self.pool.values[layer_idx], self.slot_mapping, num_heads, num_kv_heads, head_dim)
-        out = causal_self_attention(flat, num_heads, num_kv_heads, head_dim)  # (T, H * D)
-        return out.view(1, num_new, num_heads * head_dim)
-
     def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         """(B, T, (H + 2*H_kv) * D) un-rotated projections -> (B, T, H * D) attention output."""
+        from ..kernels.flash4 import causal_self_attention
         from ..kernels.paged_attention import (packed_causal_attention, paged_decode_attention, paged_prefill_attention,
                                               rope_and_write_kv_)
 
@@ -252,6 +236,8 @@ class PagedBatch:
             out = paged_decode_attention(flat, k_pool, v_pool, self.block_tables, self.context_lens, num_heads, head_dim,
                                          self.num_splits, self.scratch)  # (B, H*D)
             return out.view(batch, 1, num_heads * head_dim)
+        if self.flash4:  # one prompt from its start: FA4 reads the rotated rows as they are
+            return causal_self_attention(flat, num_heads, num_kv_heads, head_dim).view(1, num_new, num_heads * head_dim)
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(1, num_new, num_heads, head_dim).transpose(1, 2)  # (1, H, T, D)
