@@ -29,7 +29,7 @@ from phivision.kernels.paged_attention import (
     paged_decode_attention_reference,
 )
 
-from gpu_timing import median_gpu_ms  # benchmarks/, beside this script
+from gpu_timing import capture, median_gpu_ms  # benchmarks/, beside this script
 
 HEADS, DIM, BLOCK = 32, 96, 64
 
@@ -214,14 +214,7 @@ def gemv_chain(rows: list) -> None:
                 ref = step(cfg, False)
                 out = step(cfg, pdl)
                 same = bool(torch.equal(out, ref))
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    step(cfg, pdl)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    gout = step(cfg, pdl)
+                graph, gout = capture(lambda: step(cfg, pdl))
                 graph.replay()
                 torch.cuda.synchronize()
                 same_graph = bool(torch.equal(gout, ref))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpu_timing import median_gpu_ms  # benchmarks/, beside this script
+from gpu_timing import capture, median_gpu_ms  # benchmarks/, beside this script
 
 try:
     from flash_attn.cute import flash_attn_func
@@ -67,14 +67,7 @@ def graph_replay(fn) -> tuple[bool | str, float | None]:
     median GPU time of a replay (no host time between the kernels)."""
     try:
         eager = fn().clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = fn()
+        graph, captured = capture(fn)
         captured.zero_()
         graph.replay()
         torch.cuda.synchronize()

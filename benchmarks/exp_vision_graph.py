@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phivision.generation.vision_graphs import VisionTowerGraphs  # noqa: E402
 from phivision.weights import load_model  # noqa: E402
 
+from gpu_timing import capture  # noqa: E402  (benchmarks/, beside this script)
+
 # "default": PyTorch's own choice among all backends; "cudnn-first": cuDNN, else flash / efficient.
 BACKENDS = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
             "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -75,14 +77,7 @@ def main() -> None:
                 reference = tower_layers(tower, pixels, backend)
             eager_wall, eager_gpu = timed(lambda: tower_layers(tower, pixels, backend))
             t0 = time.perf_counter()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                tower_layers(tower, pixels, backend)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = tower_layers(tower, pixels, backend)
+            graph, out = capture(lambda: tower_layers(tower, pixels, backend))
             torch.cuda.synchronize()
             capture_ms = 1e3 * (time.perf_counter() - t0)
             graph_wall, graph_gpu = timed(graph.replay)

@@ -23,7 +23,7 @@ from phivision.kernels import fused  # noqa: E402
 from phivision.model import vision  # noqa: E402
 from phivision.weights import load_model  # noqa: E402
 
-from gpu_timing import median_gpu_ms  # noqa: E402  (benchmarks/, beside this script)
+from gpu_timing import capture, median_gpu_ms  # noqa: E402  (benchmarks/, beside this script)
 
 
 def pytorch_layer_norm(x, norm):
@@ -37,14 +37,7 @@ def pytorch_add_layer_norm(x, residual, norm):
 
 def graph_ms(fn) -> float:
     """Median GPU time of fn() captured in a CUDA graph (warmed up on a side stream first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn)
     return median_gpu_ms(graph.replay, rounds=20)
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def median_gpu_ms(fn: Callable[[], object], rounds: int, calls_per_round: int = 1, warmup: int = 1) -> float:
@@ -24,3 +27,18 @@ def median_gpu_ms(fn: Callable[[], object], rounds: int, calls_per_round: int = 
         end.synchronize()
         times.append(start.elapsed_time(end) / calls_per_round)
     return statistics.median(times)
+
+
+def capture(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """fn() captured in a CUDA graph, after one call on a side stream (the warm-up a capture needs:
+    lazy initialisation, workspaces, plans): the graph, and what the captured call returned (its
+    tensors are the ones each replay writes)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
